@@ -1,0 +1,16 @@
+"""The stage list, in execution order. A new stage is one module here and one line below.
+
+Stage modules import torch and friends only inside `run`, so building the list stays cheap.
+"""
+
+from __future__ import annotations
+
+
+def all_stages():
+    """Return every Stage in execution order."""
+    from musubi_pipe.stages import cache_latents, cache_text, sample, train
+
+    return [cache_latents.STAGE, cache_text.STAGE, train.STAGE, sample.STAGE]
+
+
+STAGE_NAMES = ("cache_latents", "cache_text", "train", "sample")

@@ -1,0 +1,142 @@
+"""The config schema: every allowed key of every group with its type, and the validator.
+
+A type spec is "int", "float", "str", "bool", "list", "dict" or "any"; a trailing "?" allows null;
+a tuple of strings is a choice. `validate(cfg)` walks the composed config and returns every problem
+at once as (key, message) pairs: unknown keys (with the closest known name), missing `???` values,
+wrong types and bad choices. Architecture-specific model keys come from the family (models/).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from omegaconf import MISSING
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+SCHEMA: dict[str, dict] = {
+    "name": "str",
+    "runtime": {"device": "str", "num_workers": "int", "progress": "bool", "log_level": "str"},
+    "paths": {"root": "str", "cache": "str", "runs": "str", "models": "str"},
+    "model": {
+        "arch": "str",
+        "task": "str",
+        "dit": "str",
+        "vae": "str",
+        "dit_dtype": DTYPES,
+        "vae_dtype": DTYPES,
+        "tiny_dir": "str?",
+    },
+    "dataset": {"general": "dict", "datasets": "list", "demo_dir": "str?"},
+    "memory": {"gradient_checkpointing": "bool", "attention": ("sdpa",)},
+    "optimizer": {
+        "optimizer_type": ("adamw",),
+        "lr": "float",
+        "weight_decay": "float",
+        "betas": "list",
+        "eps": "float",
+        "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+        "lr_warmup_steps": "int",
+        "max_grad_norm": "float",
+    },
+    "network": {
+        "network_module": ("lora",),
+        "network_dim": "int",
+        "network_alpha": "float",
+        "network_weights": "str?",
+        "save_dtype": ("float32", "bfloat16", "float16"),
+        "save_format": ("musubi",),
+    },
+    "training": {
+        "seed": "int",
+        "max_train_steps": "int",
+        "max_train_epochs": "int?",
+        "gradient_accumulation_steps": "int",
+        "mixed_precision": ("auto", "no", "bf16", "fp16"),
+        "timestep_sampling": ("shift", "sigmoid", "uniform"),
+        "discrete_flow_shift": "float",
+        "sigmoid_scale": "float",
+        "save_every_n_steps": "int",
+        "output_name": "str",
+    },
+    "sampling": {
+        "prompts": "list",
+        "negative_prompt": "str",
+        "width": "int",
+        "height": "int",
+        "frames": "int",
+        "steps": "int",
+        "guidance_scale": "float",
+        "shift": "float",
+        "seed": "int",
+        "lora_multiplier": "float",
+        "fps": "int",
+    },
+    "pipeline": {
+        "stages": "list",
+        "mode": ("auto", "force", "frozen"),
+        "dry_run": "bool",
+        "verify": ("size", "full"),
+    },
+}
+
+PROMPT_KEYS = {
+    "prompt": "str",
+    "negative_prompt": "str?",
+    "width": "int?",
+    "height": "int?",
+    "frames": "int?",
+    "seed": "int?",
+    "steps": "int?",
+    "guidance_scale": "float?",
+    "shift": "float?",
+}
+
+
+def check_value(key: str, value, spec) -> str | None:
+    """Return a message if `value` does not fit `spec`, else None."""
+    if value is MISSING or value == "???":
+        return "is required (???) but not set; set it in the recipe or on the command line"
+    if isinstance(spec, tuple):
+        return None if value in spec else f"is {value!r}; choose one of {list(spec)}"
+    optional = spec.endswith("?")
+    base = spec.rstrip("?")
+    if value is None:
+        return None if optional else f"must be a {base}, not null"
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "list": isinstance(value, list),
+        "dict": isinstance(value, dict),
+        "any": True,
+    }[base]
+    return None if ok else f"must be a {base}, got {type(value).__name__} {value!r}"
+
+
+def check_mapping(prefix: str, node, schema: dict) -> list[tuple[str, str]]:
+    """Check a dict against a {key: spec} schema; return (dotted key, message) problems."""
+    if not isinstance(node, dict):
+        return [(prefix, f"must be a mapping, got {type(node).__name__}")]
+    problems = []
+    for key, value in node.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in schema:
+            problems.append((dotted, unknown_key_message(key, schema)))
+        elif isinstance(schema[key], dict):
+            problems.extend(check_mapping(dotted, value, schema[key]))
+        else:
+            msg = check_value(dotted, value, schema[key])
+            if msg:
+                problems.append((dotted, msg))
+    for key, spec in schema.items():
+        if key not in node and not (isinstance(spec, str) and spec.endswith("?")):
+            problems.append((f"{prefix}.{key}" if prefix else key, "is missing; add it to the config"))
+    return problems
+
+
+def unknown_key_message(key, known) -> str:
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {sorted(map(str, known))}"
+    return f"unknown key; {hint}"

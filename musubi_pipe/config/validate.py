@@ -1,0 +1,72 @@
+"""Validate a composed config before any weight is loaded; report every problem at once.
+
+Order: the schema (unknown keys, missing `???`, types, choices) for every group, dataset entries
+and sampling prompts; then, only if that passed, the embedded demo assets are built where the config
+asks for them and the architecture family checks its weight files.
+"""
+
+from __future__ import annotations
+
+from musubi_pipe.config.schema import PROMPT_KEYS, SCHEMA, check_mapping
+from musubi_pipe.errors import ConfigError
+
+
+def _schema_for(cfg: dict) -> dict:
+    """Return SCHEMA with the model group extended by the family's own keys."""
+    from musubi_pipe.models import family_names, get_family
+
+    schema = dict(SCHEMA)
+    arch = (cfg.get("model") or {}).get("arch")
+    if arch in family_names():
+        schema["model"] = {**SCHEMA["model"], **get_family(arch).model_keys}
+    return schema
+
+
+def check_structure(cfg: dict) -> list[tuple[str, str]]:
+    """Return schema problems of the whole config (no file access)."""
+    from musubi_pipe.data.sources import DATASET_KEYS
+    from musubi_pipe.stages import STAGE_NAMES
+
+    body = {k: v for k, v in cfg.items() if k != "hydra"}
+    problems = check_mapping("", body, _schema_for(cfg))
+    dataset = body.get("dataset") or {}
+    general_keys = {k: "any" for k in ("resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale")}
+    if isinstance(dataset.get("general"), dict):
+        problems += check_mapping("dataset.general", dataset["general"], general_keys)
+    for i, entry in enumerate(dataset.get("datasets") or []):
+        problems += check_mapping(f"dataset.datasets[{i}]", entry, {k: "any?" for k in DATASET_KEYS})
+    for i, prompt in enumerate((body.get("sampling") or {}).get("prompts") or []):
+        problems += check_mapping(f"sampling.prompts[{i}]", prompt, PROMPT_KEYS)
+    for name in (body.get("pipeline") or {}).get("stages") or []:
+        if name not in STAGE_NAMES:
+            problems.append(("pipeline.stages", f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}"))
+    return problems
+
+
+def validate(cfg: dict) -> None:
+    """Raise ConfigError listing every problem of `cfg` (a resolved plain dict); build demo assets."""
+    problems = check_structure(cfg)
+    if problems:
+        raise ConfigError(problems)
+    prepare_embedded(cfg)
+    from musubi_pipe.models import get_family
+    from musubi_pipe.stages.sample import check_prompts
+
+    family = get_family(cfg["model"]["arch"])
+    problems = family.check_config(cfg["model"])
+    if "sample" in cfg["pipeline"]["stages"]:
+        problems += check_prompts(cfg["sampling"], family.vae_stride)
+    if problems:
+        raise ConfigError(problems)
+
+
+def prepare_embedded(cfg: dict) -> None:
+    """Write the embedded tiny model and demo dataset where the config points (first use only)."""
+    from musubi_pipe.models import get_family
+
+    if cfg["model"].get("tiny_dir"):
+        get_family(cfg["model"]["arch"]).build_tiny(cfg["model"]["tiny_dir"])
+    if cfg["dataset"].get("demo_dir"):
+        from musubi_pipe.data.demo import make_demo_dataset
+
+        make_demo_dataset(cfg["dataset"]["demo_dir"])

@@ -1,0 +1,143 @@
+"""LoRA .safetensors files in the musubi/sd-scripts layout: atomic writes, sd-scripts hashes, `ss_*` + modelspec metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from musubi_pipe.errors import UserError
+
+# The upstream repository of each architecture's model code, as sd-scripts/musubi write into `modelspec.implementation`.
+MODELSPEC_IMPLEMENTATIONS = {
+    "hunyuan-video": "https://github.com/Tencent/HunyuanVideo",
+    "wan2.1": "https://github.com/Wan-Video/Wan2.1",
+    "framepack": "https://github.com/lllyasviel/FramePack",
+    "Flux.1-dev": "https://github.com/black-forest-labs/flux",
+    "Flux.2-dev": "https://github.com/black-forest-labs/flux2",
+    "Flux.2-klein-4b": "https://github.com/black-forest-labs/flux2",
+    "Flux.2-klein-9b": "https://github.com/black-forest-labs/flux2",
+    "Qwen-Image": "https://github.com/QwenLM/Qwen-Image",
+    "Qwen-Image-Edit": "https://github.com/QwenLM/Qwen-Image",
+    "Qwen-Image-Edit-Plus": "https://github.com/QwenLM/Qwen-Image",
+    "Qwen-Image-Edit-2511": "https://github.com/QwenLM/Qwen-Image",
+    "Qwen-Image-Layered": "https://github.com/QwenLM/Qwen-Image-Layered",
+    "Kandinsky-5": "https://github.com/kandinskylab/kandinsky-5",
+    "hunyuan-video-1.5": "https://github.com/Tencent-Hunyuan/HunyuanVideo-1.5",
+    "Z-Image": "https://github.com/Tongyi-MAI/Z-Image",
+}
+
+_LEGACY_HASH_OFFSET = 0x100000
+_LEGACY_HASH_LENGTH = 0x10000
+
+
+def model_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """Return (sshs_model_hash, sshs_legacy_hash) the way sd-scripts computes them.
+
+    Only the `ss_*` metadata enter the serialisation, so user-facing keys (titles, hashes) can change without changing
+    the hashes. The model hash covers the tensor payload after the header; the legacy hash a 64 KiB slice at 1 MiB.
+    """
+    blob = safetensors.torch.save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(memoryview(blob)[8 + header_len :]).hexdigest()
+    legacy = memoryview(blob)[_LEGACY_HASH_OFFSET : _LEGACY_HASH_OFFSET + _LEGACY_HASH_LENGTH]
+    return model_hash, hashlib.sha256(legacy).hexdigest()[:8]
+
+
+def save_lora_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` + `metadata` (with sd-scripts hashes added) to `path`; a reader never sees a partial file."""
+    path = Path(path)
+    model_hash, legacy_hash = model_hashes(tensors, metadata)
+    full_metadata = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp file lives in the target folder so os.replace is a same-filesystem rename, which is atomic.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(safetensors.torch.save(tensors, full_metadata))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory, and the file is complete either way.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a LoRA .safetensors file: (tensors on the CPU, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: LoRA file not found")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable .safetensors LoRA file ({e})") from e
+    return tensors, metadata
+
+
+def build_metadata(
+    *,
+    arch: str,
+    modelspec_arch: str,
+    network_module: str,
+    network_dim,
+    network_alpha,
+    base_model: str,
+    steps: int,
+    epoch: int,
+    seed: int,
+    learning_rate,
+    extra: dict | None = None,
+    title: str | None = None,
+) -> dict[str, str]:
+    """The sd-scripts/musubi `ss_*` training metadata plus SAI ModelSpec keys, all values as strings.
+
+    `arch` is the full architecture name (`wan`), `modelspec_arch` the ModelSpec id (`wan2.1`); `extra` (e.g.
+    `ss_training_fingerprint`, `ss_network_args`) is merged in last and may override anything.
+    """
+    now = time.time()
+    metadata = {
+        "ss_base_model_version": arch,
+        "ss_network_module": network_module,
+        "ss_network_dim": network_dim,
+        "ss_network_alpha": network_alpha,
+        "ss_sd_model_name": os.path.basename(str(base_model)),
+        "ss_steps": steps,
+        "ss_epoch": epoch,
+        "ss_seed": seed,
+        "ss_learning_rate": learning_rate,
+        "ss_training_finished_at": now,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{modelspec_arch}/lora",
+        "modelspec.title": title or f"LoRA@{now}",
+        # Local time without microseconds or offset, as musubi writes it.
+        "modelspec.date": datetime.fromtimestamp(int(now)).isoformat(),
+    }
+    if modelspec_arch in MODELSPEC_IMPLEMENTATIONS:
+        metadata["modelspec.implementation"] = MODELSPEC_IMPLEMENTATIONS[modelspec_arch]
+    metadata.update(extra or {})
+    return {k: str(v) for k, v in metadata.items()}

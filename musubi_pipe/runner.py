@@ -1,0 +1,102 @@
+"""Run one composed config: validate -> plan -> execute -> run record.
+
+`run(cfg, run_dir)` is what `python -m musubi_pipe` calls for each (multi)run job, and what tests
+call in-process. It returns the run record also written to `<run_dir>/run.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from musubi_pipe.config.validate import validate
+from musubi_pipe.pipeline.executor import execute, format_plan, plan
+from musubi_pipe.pipeline.fingerprint import DigestCache
+from musubi_pipe.pipeline.stage import Job
+from musubi_pipe.pipeline.store import Store
+
+log = logging.getLogger("musubi_pipe")
+RUN_RECORD_VERSION = 1
+
+
+def resolve(cfg: DictConfig) -> dict:
+    """Return the config as a resolved plain dict without the hydra node."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    container.pop("hydra", None)
+    return container
+
+
+def run(cfg: DictConfig | dict, run_dir: str | os.PathLike) -> dict:
+    """Validate, plan and execute one run; write and return its run record."""
+    from musubi_pipe.stages import all_stages
+
+    started = time.time()
+    container = cfg if isinstance(cfg, dict) else resolve(cfg)
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+    validate(container)
+    store = Store(container["paths"]["cache"])
+    digests = DigestCache(store.root / "digests.json")
+    job = Job(cfg=container, store=store, digests=digests, run_dir=run_dir)
+    pipeline = container["pipeline"]
+    planned = plan(job, all_stages(), pipeline["stages"], mode=pipeline["mode"], verify=pipeline["verify"])
+    digests.save()
+    print(f"plan ({run_dir.name}):\n{format_plan(planned)}", flush=True)
+    record = {
+        "version": RUN_RECORD_VERSION,
+        "name": container["name"],
+        "run_dir": str(run_dir),
+        "config": str(run_dir / "config.yaml"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "dry_run": bool(pipeline["dry_run"]),
+    }
+    if pipeline["dry_run"]:
+        record["plan"] = [
+            {"name": p.stage.name, "selected": p.selected, "cached": p.cached, "fingerprint": p.fingerprint, "reason": p.reason}
+            for p in planned
+        ]
+        _write_record(run_dir, record)
+        return record
+    record["stages"] = execute(job, planned, mode=pipeline["mode"], verify=pipeline["verify"], on_stage=_announce)
+    record.update(_collect_outputs(record["stages"], run_dir))
+    record["seconds"] = round(time.time() - started, 3)
+    _write_record(run_dir, record)
+    for kind in ("lora", "samples"):
+        for path in record[kind]:
+            print(f"{kind}: {path}")
+    return record
+
+
+def _announce(stage_record: dict) -> None:
+    extra = ""
+    if "items_total" in stage_record:
+        extra = f" ({stage_record['items_computed']}/{stage_record['items_total']} items computed)"
+    print(f"{stage_record['name']}: {stage_record['status']} in {stage_record['seconds']:.1f}s{extra}", flush=True)
+
+
+def _collect_outputs(stage_records: list[dict], run_dir: Path) -> dict:
+    """Return absolute output paths per kind and link them into the run directory."""
+    found: dict[str, list[str]] = {"lora": [], "samples": []}
+    for rec in stage_records:
+        for kind, names in rec.get("outputs", {}).items():
+            for name in names:
+                target = Path(rec["artifact"]) / name
+                found.setdefault(kind, []).append(str(target))
+                link = run_dir / kind / name
+                link.parent.mkdir(exist_ok=True)
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to(target)
+    return found
+
+
+def _write_record(run_dir: Path, record: dict) -> None:
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, run_dir / "run.json")

@@ -1,0 +1,1 @@
+"""Sampling: the flow-matching sampler shared by every architecture family."""

@@ -1,0 +1,61 @@
+"""cache_text: encode every caption and sampling prompt with the text encoder, one entry per text.
+
+Entries are content-addressed by the text, the encoder's identity, its file digests and dtype, and
+shared by every run: editing one caption encodes exactly one caption. The artifact is
+`index.json`, mapping each text to its entry key.
+"""
+
+from __future__ import annotations
+
+import json
+
+from musubi_pipe.pipeline.stage import Job, Stage, StageContext
+from musubi_pipe.stages import common
+
+KIND = "text"
+BATCH = 8
+
+
+def all_texts(job: Job) -> list[str]:
+    items, _ = common.dataset_scan(job)
+    return sorted({item.caption for item in items} | set(common.sample_texts(job)))
+
+
+def inputs(job: Job) -> dict:
+    return {
+        "items": sorted(common.text_key(job, text) for text in all_texts(job)),
+        "encoder": job.cached("text_doc", lambda: common.encoder_document(job, "text", "t5_dtype")),
+    }
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    job = ctx.job
+    texts = all_texts(job)
+    keys = {text: common.text_key(job, text) for text in texts}
+    todo = [t for t in texts if ctx.force or not job.store.has_item(KIND, keys[t])]
+    if todo:
+        device = common.resolve_device(job)
+        dtype = common.torch_dtype(common.resolve_dtype(job, "t5_dtype"))
+        encoder = common.family(job).load_text_encoder(common.model_cfg(job), device, dtype)
+        batches = [todo[i : i + BATCH] for i in range(0, len(todo), BATCH)]
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="cache_text", disable=not ctx.runtime.get("progress", True)):
+                for text, embedding in zip(batch, encoder.encode(batch)):
+                    common.save_item(job.store.item_path(KIND, keys[text]), {"embedding": embedding.float().cpu()})
+        del encoder
+    (ctx.out_dir / "index.json").write_text(json.dumps(keys, indent=1, ensure_ascii=False))
+    return {"items_total": len(texts), "items_computed": len(todo)}
+
+
+STAGE = Stage(
+    name="cache_text",
+    version=1,
+    upstream=(),
+    keys=("model.arch", "model.task"),
+    inputs=inputs,
+    run=run,
+    item_kind=KIND,
+)

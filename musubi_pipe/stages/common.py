@@ -1,0 +1,174 @@
+"""Plan-time helpers the stages share: the dataset scan, item keys, devices and dtypes, item files.
+
+Item keys are content addresses: the sha256 of everything that determines an item entry (the
+media file's digest, clip start and length, bucket, fps conversion, the encoder's identity, file
+digests and dtype). Entries live in the store's `items/` folder, shared by every run and recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+
+from musubi_pipe.errors import ConfigError
+from musubi_pipe.models import get_family
+from musubi_pipe.pipeline.fingerprint import fingerprint
+from musubi_pipe.pipeline.stage import Job
+
+log = logging.getLogger("musubi_pipe")
+
+LATENT_FORMAT = 1  # bump when the stored latent layout changes
+TEXT_FORMAT = 1
+
+
+def family(job: Job):
+    return get_family(job.cfg["model"]["arch"])
+
+
+def model_cfg(job: Job) -> dict:
+    return job.cfg["model"]
+
+
+def dataset_scan(job: Job):
+    """Return (items, skips) of every dataset, scanned once per run (headers only, no decoding)."""
+    return job.cached("dataset_scan", lambda: _scan(job))
+
+
+def _scan(job: Job):
+    from musubi_pipe.data.sources import scan_dataset
+
+    dataset = job.cfg["dataset"]
+    general = dataset.get("general") or {}
+    if not dataset.get("datasets"):
+        raise ConfigError([("dataset.datasets", "is empty; add an image_directory or video_directory entry")])
+    items, skips, problems = [], [], []
+    for index, entry in enumerate(dataset["datasets"]):
+        merged = {**general, **entry}
+        try:
+            found, skipped = scan_dataset(merged, index, family(job).fps, f"dataset.datasets[{index}]")
+        except ConfigError as err:
+            problems.extend(err.problems)
+            continue
+        items.extend(found)
+        skips.extend(skipped)
+    if problems:
+        raise ConfigError(problems)
+    if not items:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in skips[:5])
+        raise ConfigError([("dataset.datasets", f"no usable items ({len(skips)} skipped: {reasons})")])
+    for skip in skips:
+        log.warning("skipping %s: %s", skip.path, skip.reason)
+    return items, skips
+
+
+def resolve_device(job: Job) -> str:
+    """Return the device named by runtime.device (auto: cuda when available, else cpu)."""
+    import torch
+
+    wanted = job.cfg.get("runtime", {}).get("device", "auto")
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return wanted
+
+
+def resolve_dtype(job: Job, key: str) -> str:
+    """Return the dtype name for a `model.*_dtype` key (auto: bfloat16 on a bf16 GPU, else float32).
+
+    The resolved name, not "auto", enters fingerprints: it changes the numbers.
+    """
+    value = job.cfg["model"].get(key, "auto")
+    if value != "auto":
+        return value
+    return job.cached("auto_dtype", lambda: _auto_dtype(job))
+
+
+def _auto_dtype(job: Job) -> str:
+    import torch
+
+    device = resolve_device(job)
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def weight_digests(job: Job, part: str) -> list[str]:
+    """Return the content digests of the files that determine `part` ("vae", "text", "dit")."""
+    files = family(job).weight_files(model_cfg(job), part)
+    return [job.digests.digest(path) for path in files]
+
+
+def encoder_document(job: Job, part: str, dtype_key: str) -> dict:
+    """Return what identifies an encoder: its settings, file digests and resolved dtype."""
+    return {
+        "identity": family(job).encoder_identity(model_cfg(job), part),
+        "files": weight_digests(job, part),
+        "dtype": resolve_dtype(job, dtype_key),
+    }
+
+
+def latent_key(job: Job, item) -> str:
+    """Return the content address of an item's latent entry."""
+    doc = {
+        "format": LATENT_FORMAT,
+        "media": job.digests.digest(item.media_path) if os.path.isfile(item.media_path) else _dir_digest(job, item.media_path),
+        "start": item.start,
+        "frames": item.frames,
+        "bucket": list(item.bucket),
+        "source_fps": item.source_fps,
+        "target_fps": item.target_fps,
+        "vae": job.cached("vae_doc", lambda: encoder_document(job, "vae", "vae_dtype")),
+    }
+    return fingerprint(doc)
+
+
+def _dir_digest(job: Job, folder: str) -> str:
+    """Digest of a folder of frame images (a video given as frames)."""
+    names = sorted(os.listdir(folder))
+    return fingerprint([[n, job.digests.digest(os.path.join(folder, n))] for n in names])
+
+
+def text_key(job: Job, text: str) -> str:
+    """Return the content address of a text's embedding entry."""
+    doc = {
+        "format": TEXT_FORMAT,
+        "text": text,
+        "encoder": job.cached("text_doc", lambda: encoder_document(job, "text", "t5_dtype")),
+    }
+    return fingerprint(doc)
+
+
+def item_record(item) -> dict:
+    """Return an item as JSON-ready data for stage indexes."""
+    record = asdict(item)
+    record["bucket"] = list(item.bucket)
+    record["source_size"] = list(item.source_size)
+    record["key"] = item.key
+    return record
+
+
+def save_item(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write an item entry atomically (temp file + rename): a killed run leaves no partial entry."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def sample_texts(job: Job) -> list[str]:
+    """Return the sampling prompts and negative prompts that cache_text must encode."""
+    sampling = job.cfg["sampling"]
+    texts = []
+    for prompt in sampling.get("prompts") or []:
+        texts.append(prompt["prompt"])
+        negative = prompt.get("negative_prompt")
+        texts.append(sampling["negative_prompt"] if negative is None else negative)
+    return texts

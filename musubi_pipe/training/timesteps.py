@@ -1,0 +1,33 @@
+"""Timestep sampling for rectified-flow training, with musubi-tuner's semantics.
+
+x_t = (1 - t) * x0 + t * noise, the target is noise - x0, and the model sees timestep 1000 * t.
+Methods (training.timestep_sampling):
+  uniform  t = u,                 u ~ U(0, 1)
+  sigmoid  t = sigmoid(s * z),    z ~ N(0, 1), s = training.sigmoid_scale
+  shift    t = S*t0 / (1 + (S - 1)*t0) with t0 = sigmoid(s * z), S = training.discrete_flow_shift
+"""
+
+from __future__ import annotations
+
+import torch
+
+METHODS = ("uniform", "sigmoid", "shift")
+
+
+def sample_t(n: int, method: str, *, shift: float = 1.0, sigmoid_scale: float = 1.0, generator=None) -> torch.Tensor:
+    """Return n timesteps t in (0, 1) as float32 on the CPU, drawn from `generator`."""
+    if method == "uniform":
+        return torch.rand(n, generator=generator)
+    z = torch.randn(n, generator=generator)
+    t = torch.sigmoid(sigmoid_scale * z)
+    if method == "sigmoid":
+        return t
+    if method == "shift":
+        return shift * t / (1 + (shift - 1) * t)
+    raise ValueError(f"training.timestep_sampling={method!r}: choose one of {METHODS}")
+
+
+def noisy_input(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """Return (x_t, target) for latents [B, ...] and per-item t [B]."""
+    t_b = t.view(-1, *([1] * (latents.dim() - 1))).to(latents)
+    return (1 - t_b) * latents + t_b * noise, noise - latents
