@@ -47,7 +47,8 @@ def test_diff_documents_names_keys():
 def test_explain_counts_items():
     last = {"items": ["a", "b"], "config": {"x": 1}}
     assert explain(last, {"items": ["a", "b", "c"], "config": {"x": 1}}) == "1 new item"
-    assert explain(last, {"items": ["a"], "config": {"x": 2}}) == "1 item removed; config.x 1 -> 2"
+    assert explain(last, {"items": ["a"], "config": {"x": 2}}) == "1 item removed; x 1 -> 2"
+    assert explain({"upstream": {"u": "1"}}, {"upstream": {"u": "2"}}) == "u output changed"
     assert explain(None, {"items": []}) == "no earlier artifact of this stage"
 
 
@@ -104,7 +105,7 @@ def test_changed_key_reruns_downstream_only(tmp_path):
     CALLS.clear()
     planned, records = _run(_job(tmp_path, y=2))
     assert CALLS == ["second"]
-    assert planned[1].reason == "config.y 1 -> 2"
+    assert planned[1].reason == "y 1 -> 2"
     assert "second         will run" in format_plan(plan(_job(tmp_path, y=3), STAGES, ["first", "second"]))
 
 

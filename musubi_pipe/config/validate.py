@@ -33,8 +33,9 @@ def check_structure(cfg: dict) -> list[tuple[str, str]]:
     general_keys = {k: "any" for k in ("resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale")}
     if isinstance(dataset.get("general"), dict):
         problems += check_mapping("dataset.general", dataset["general"], general_keys)
+    allowed = {k: "any?" for kind in DATASET_KEYS.values() for k in kind}
     for i, entry in enumerate(dataset.get("datasets") or []):
-        problems += check_mapping(f"dataset.datasets[{i}]", entry, {k: "any?" for k in DATASET_KEYS})
+        problems += check_mapping(f"dataset.datasets[{i}]", entry, allowed)
     for i, prompt in enumerate((body.get("sampling") or {}).get("prompts") or []):
         problems += check_mapping(f"sampling.prompts[{i}]", prompt, PROMPT_KEYS)
     for name in (body.get("pipeline") or {}).get("stages") or []:

@@ -29,10 +29,11 @@ class TextEncoder(Protocol):
 class Family(Protocol):
     """One architecture family (Wan, HunyuanVideo, ...), found through models.get_family(arch)."""
 
-    name: str
+    name: str  # full architecture name, written as ss_base_model_version
+    modelspec_arch: str  # SAI ModelSpec architecture id of its LoRA files
     fps: int  # frame rate the family's videos are trained and sampled at
     vae_stride: tuple[int, int, int]  # (temporal, height, width) compression of the VAE
-    latent_channels_key: str
+    model_keys: dict  # model.* config keys of this family beyond the common ones, with type specs
 
     def check_config(self, model_cfg: dict) -> list[tuple[str, str]]:
         """Return (key, message) problems with the model config and its files; never imports torch."""

@@ -80,6 +80,10 @@ def explain(last: dict | None, doc: dict) -> str:
     if last_items - new_items:
         n = len(last_items - new_items)
         parts.append(f"{n} item{'s' if n != 1 else ''} removed")
+    parts.extend(diff_documents(last.pop("config", {}), doc.pop("config", {})))
+    for name in sorted(set(last.pop("upstream", {}).items()) ^ set(doc.pop("upstream", {}).items())):
+        if f"{name[0]} output changed" not in parts:
+            parts.append(f"{name[0]} output changed")
     parts.extend(diff_documents(last, doc))
     if not parts:
         return "artifact missing or invalid"

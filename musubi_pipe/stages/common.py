@@ -64,12 +64,8 @@ def _scan(job: Job):
 
 def resolve_device(job: Job) -> str:
     """Return the device named by runtime.device (auto: cuda when available, else cpu)."""
-    import torch
-
     wanted = job.cfg.get("runtime", {}).get("device", "auto")
-    if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return wanted
+    return _probe(job)["device"] if wanted == "auto" else wanted
 
 
 def resolve_dtype(job: Job, key: str) -> str:
@@ -80,16 +76,42 @@ def resolve_dtype(job: Job, key: str) -> str:
     value = job.cfg["model"].get(key, "auto")
     if value != "auto":
         return value
-    return job.cached("auto_dtype", lambda: _auto_dtype(job))
+    device = resolve_device(job)
+    return "bfloat16" if device.startswith("cuda") and _probe(job)["bf16"] else "float32"
 
 
-def _auto_dtype(job: Job) -> str:
+def _probe(job: Job) -> dict:
+    """What the machine offers: {"device": "cuda"|"cpu", "bf16": bool}.
+
+    Asking torch costs a 1.5 s import, which would dominate a fully cached run, so the answer is
+    remembered per machine boot and CUDA_VISIBLE_DEVICES (GPUs do not change without a reboot).
+    """
+    return job.cached("device_probe", lambda: _remembered_probe(job.store.root / "device_probe.json"))
+
+
+def _remembered_probe(path) -> dict:
+    import json
+    import socket
+
+    try:
+        boot_id = open("/proc/sys/kernel/random/boot_id").read().strip()
+    except OSError:
+        boot_id = None  # no boot id: never trust a remembered answer
+    key = [socket.gethostname(), boot_id, os.environ.get("CUDA_VISIBLE_DEVICES")]
+    try:
+        known = json.loads(path.read_text())
+        if boot_id and known["key"] == key:
+            return known["probe"]
+    except (OSError, ValueError, KeyError):
+        pass
     import torch
 
-    device = resolve_device(job)
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
+    cuda = torch.cuda.is_available()
+    probe = {"device": "cuda" if cuda else "cpu", "bf16": bool(cuda and torch.cuda.is_bf16_supported())}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "probe": probe}))
+    os.replace(tmp, path)
+    return probe
 
 
 def torch_dtype(name: str):
