@@ -28,13 +28,10 @@ def register_recipes(directory: Path | None = None) -> list[str]:
 
 
 def compose(overrides: list[str] | None = None, config_dir: Path | None = None):
-    """Compose the config as the command line would (for tests and tools); returns a DictConfig.
-
-    `hydra:` interpolations (the run dir) are available because `return_hydra_config` is set.
-    """
+    """Compose the config as the command line would (for tests and tools); returns a DictConfig."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_recipes()
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir or conf_dir())):
-        return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=True)
+        return hydra_compose(config_name="config", overrides=list(overrides or []))

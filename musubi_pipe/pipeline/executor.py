@@ -140,6 +140,7 @@ def execute(job: Job, planned: list[PlannedStage], mode: str = "auto", verify: s
             "artifact": str(p.artifact),
             "seconds": round(time.perf_counter() - started, 3),
             **stats,
+            **(p.stage.report(job) if p.stage.report else {}),
         }
         records.append(p.record)
         if on_stage:

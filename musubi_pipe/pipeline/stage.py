@@ -46,6 +46,8 @@ class Stage:
 
     inputs(job) -> dict merged into the input document (e.g. {"files": {...}, "items": [...]}).
     run(ctx) -> dict of stats (items_total, items_computed, ...) recorded in run.json and the manifest.
+    report(job) -> dict of facts about this run's inputs (e.g. skipped media) recorded in run.json
+    whether the stage ran or was cached.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Stage:
     inputs: Callable[[Job], dict]
     run: Callable[["StageContext"], dict]
     item_kind: str | None = None
+    report: Callable[[Job], dict] | None = None
 
 
 @dataclass

@@ -38,7 +38,7 @@ def _load_pixels(item):
     else:
         frames = load_video_frames(item.media_path, item.start, item.frames, item.source_fps, item.target_fps)
     frames = resize_to_bucket(frames, tuple(item.bucket))
-    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float()
+    pixels = torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2).float()  # a writable copy
     return pixels / 127.5 - 1.0
 
 
@@ -69,12 +69,13 @@ def run(ctx: StageContext) -> dict:
         del vae
     index = [dict(common.item_record(item), entry=key) for item, key in zip(items, keys)]
     (ctx.out_dir / "index.json").write_text(json.dumps(index, indent=1))
-    return {
-        "items_total": len(items),
-        "items_computed": len(todo),
-        "items_skipped": len(skips),
-        "skipped": [{"path": s.path, "reason": s.reason} for s in skips],
-    }
+    return {"items_total": len(items), "items_computed": len(todo)}
+
+
+def report(job: Job) -> dict:
+    """Media this run's scan could not use, with reasons (reported even when the stage is cached)."""
+    _, skips = common.dataset_scan(job)
+    return {"items_skipped": len(skips), "skipped": [{"path": s.path, "reason": s.reason} for s in skips]}
 
 
 STAGE = Stage(
@@ -85,4 +86,5 @@ STAGE = Stage(
     inputs=inputs,
     run=run,
     item_kind=KIND,
+    report=report,
 )

@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny Wan model built once per session, and in-process demo runs."""
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+_run_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """One tiny-model folder for the whole session (built on first use by the first run)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def demo(tmp_path, models_dir):
+    """Return run(*overrides) -> run record, for the demo recipe in a private outputs root.
+
+    Steps are cut down so a whole run takes a few seconds on 2 CPU cores.
+    """
+    from musubi_pipe.config import compose
+    from musubi_pipe.runner import run
+
+    base = [
+        "+recipe=demo",
+        f"paths.root={tmp_path}",
+        f"paths.models={models_dir}",
+        "training.max_train_steps=6",
+        "training.save_every_n_steps=3",
+        "sampling.steps=3",
+        "runtime.progress=false",
+    ]
+
+    def run_demo(*overrides):
+        cfg = compose(base + list(overrides))
+        return run(cfg, tmp_path / "runs" / f"run{next(_run_counter)}")
+
+    run_demo.root = tmp_path
+    return run_demo
+
+
+def stage(record: dict, name: str) -> dict:
+    """Return the run record of stage `name`."""
+    return next(s for s in record["stages"] if s["name"] == name)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
