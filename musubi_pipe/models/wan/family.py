@@ -144,7 +144,7 @@ def locate_tokenizer(value, key: str = "model.t5_tokenizer") -> Source:
     return Source("pretrained", folder, _folder_files(folder))
 
 
-TINY_VERSION = 1  # bump when tiny.py changes what it writes
+TINY_VERSION = 3  # bump when tiny.py changes what it writes
 
 
 class WanFamily:

@@ -87,7 +87,7 @@ TASKS: dict[str, WanTask] = {
     "t2v-14B": WanTask("t2v-14B", _dit(40, 128, 13824, 40), _UMT5_XXL),
     "tiny-t2v": WanTask(
         "tiny-t2v",
-        _dit(2, 16, 64, 2, text_dim=32, freq_dim=32),
+        _dit(4, 32, 256, 2, text_dim=32, freq_dim=32),
         _UMT5_TINY,
         # only the width shrinks (base_dim 96 -> 8); the block layout (dim_mult, num_res_blocks,
         # temperal_downsample) stays the official one, which diffusers' official key converter assumes

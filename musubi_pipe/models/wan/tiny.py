@@ -77,9 +77,19 @@ def _seeded(seed: int, build):
 
 
 def _dit() -> WanTransformer3DModel:
-    # diffusers' default init; its proj_out is a normal random Linear (not zeros), so the untrained
-    # model already makes a non-trivial prediction
-    return _seeded(0, lambda: WanTransformer3DModel(**TASK.dit_config))
+    # diffusers' default init (its proj_out is a random Linear, not zeros, so the untrained model
+    # makes a non-trivial prediction), with the residual gates of every block opened to about 1 as in
+    # a trained Wan: at their init scale (~0.1) the blocks barely reach the output and a LoRA on
+    # them could hardly learn anything.
+    def build():
+        model = WanTransformer3DModel(**TASK.dit_config)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.scale_shift_table[:, 2] += 1.0  # gate of self-attention
+                block.scale_shift_table[:, 5] += 1.0  # gate of the feed-forward
+        return model
+
+    return _seeded(0, build)
 
 
 def _vae() -> AutoencoderKLWan:

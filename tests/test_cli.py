@@ -1,0 +1,92 @@
+"""The command line as users type it: --cfg job without torch, errors, multirun sharing caches, a real kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["training.max_train_steps=6", "sampling.steps=2", "runtime.progress=false"]
+
+
+def _cli(*args, cwd=REPO, **kwargs):
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "musubi_pipe", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_cfg_job_does_not_import_torch():
+    code = (
+        "import sys; sys.argv = ['musubi_pipe', '+recipe=demo', '--cfg', 'job'];"
+        "from musubi_pipe.__main__ import entry; entry();"
+        "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "network_dim: 32" in out.stdout and "task: tiny-t2v" in out.stdout
+    assert out.stdout.strip().endswith("NO_TORCH")
+
+
+def test_every_recipe_composes():
+    from musubi_pipe.config import compose, recipes_dir
+    from musubi_pipe.config.validate import check_structure
+    from musubi_pipe.runner import resolve
+
+    names = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+    assert names == ["demo"]
+    for name in names:
+        header = (recipes_dir() / f"{name}.yaml").read_text().splitlines()[1]
+        assert header.startswith("# ") and "Command:" in (recipes_dir() / f"{name}.yaml").read_text()
+        assert check_structure(resolve(compose([f"+recipe={name}"]))) == []
+
+
+def test_bad_input_exits_2_with_the_key(tmp_path):
+    out = _cli("+recipe=demo", f"paths.root={tmp_path}", "model=wan21_t2v_14b", "+network.network_dimm=4")
+    assert out.returncode == 2
+    assert "model.dit: is required" in out.stderr and "network.network_dimm: unknown key" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "cache" / "train").exists()
+
+
+def test_multirun_shares_caches(tmp_path):
+    out = _cli("-m", "+recipe=demo", f"paths.root={tmp_path}", "network.network_dim=4,8", *FAST)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("runs/*_sweep/*/run.json"))]
+    assert len(records) == 2
+    first, second = ({s["name"]: s for s in r["stages"]} for r in records)
+    assert first["train"]["status"] == "ran" and second["train"]["status"] == "ran"
+    assert second["cache_latents"]["status"] == "cached" and second["cache_text"]["status"] == "cached"
+    assert first["train"]["fingerprint"] != second["train"]["fingerprint"]
+
+
+def test_killed_training_resumes(tmp_path):
+    """SIGKILL a real training process after its first checkpoint; the rerun resumes and completes."""
+    args = ["+recipe=demo", f"paths.root={tmp_path}", "training.max_train_steps=400", "training.save_every_n_steps=10",
+            "pipeline.stages=[cache_latents,cache_text,train]", "runtime.progress=false"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "musubi_pipe", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "cache" / "train" / ".partial"
+    try:
+        while not list(partial.glob("*/step_*/COMPLETE")):
+            try:
+                proc.wait(timeout=0.05)  # returns early only if the process ended
+                break
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    assert list(partial.glob("*/step_*/COMPLETE")), "training ended before its first checkpoint"
+    assert not list((tmp_path / "cache" / "train").glob("[0-9a-f]*"))  # nothing published
+    out = _cli(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(tmp_path.glob("runs/*/run.json"), key=lambda p: p.stat().st_mtime)
+    train = next(s for s in json.loads(runs[-1].read_text())["stages"] if s["name"] == "train")
+    assert train["status"] == "ran" and train["resumed_from_step"] >= 10 and train["steps"] == 400
+    assert not partial.joinpath(train["fingerprint"]).exists()  # resumable state dropped once published
