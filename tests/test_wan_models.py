@@ -175,7 +175,7 @@ def test_shape_mismatch_names_both_variants(built):
         FAMILY.load_dit(_cfg(built, task="t2v-1.3B"), "cpu", torch.float32)
     key, message = e.value.problems[0]
     assert key == "model.dit"
-    assert "tiny-t2v" in message and "t2v-1.3B" in message and "dim 32" in message and "dim 1536" in message
+    assert "tiny-t2v" in message and "t2v-1.3B" in message and "dim 128" in message and "dim 1536" in message
     with pytest.raises(ConfigError, match="t2v-14B"):
         loading.load_dit(built["diffusers"]["dit"], TASKS["t2v-14B"], "cpu", torch.float32)
 
