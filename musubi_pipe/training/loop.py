@@ -100,13 +100,18 @@ class Trainer:
 
     def next_batch(self) -> list[dict]:
         """Return the next batch of the data order, moving to the next epoch when one ends."""
-        batches = epoch_batches(self.groups, self.cfg["dataset"], self.cfg["training"]["seed"], self.epoch)
-        if self.position >= len(batches):
+        if self.position >= len(self.epoch_order()):
             self.epoch, self.position = self.epoch + 1, 0
-            batches = epoch_batches(self.groups, self.cfg["dataset"], self.cfg["training"]["seed"], self.epoch)
-        batch = batches[self.position]
+        batch = self.epoch_order()[self.position]
         self.position += 1
         return batch
+
+    def epoch_order(self) -> list[list[dict]]:
+        """The current epoch's batches, built once per epoch (a pure function of seed and epoch)."""
+        if getattr(self, "_order_epoch", None) != self.epoch:
+            self._order = epoch_batches(self.groups, self.cfg["dataset"], self.cfg["training"]["seed"], self.epoch)
+            self._order_epoch = self.epoch
+        return self._order
 
     def training_loss(self, batch: list[dict]) -> torch.Tensor:
         train = self.cfg["training"]
