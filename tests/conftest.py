@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 _run_counter = itertools.count()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # quiet fork warnings in subprocess tests
 
 
 @pytest.fixture(scope="session")
@@ -46,5 +47,3 @@ def stage(record: dict, name: str) -> dict:
     """Return the run record of stage `name`."""
     return next(s for s in record["stages"] if s["name"] == name)
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -116,7 +116,6 @@ def execute(job: Job, planned: list[PlannedStage], mode: str = "auto", verify: s
         if not p.selected:
             continue
         started = time.perf_counter()
-        upstream_dirs = _upstream_dirs(job, p, by_name, verify)
         if p.cached:
             manifest = job.store.lookup(p.stage.name, p.fingerprint, verify=verify)
             if manifest is None:  # went bad since planning
@@ -129,6 +128,7 @@ def execute(job: Job, planned: list[PlannedStage], mode: str = "auto", verify: s
                     f"pipeline.mode=frozen: stage {p.stage.name} would have to run ({p.reason}); "
                     "run without pipeline.mode=frozen to compute it"
                 )
+            upstream_dirs = _upstream_dirs(job, p, by_name, verify)  # only a stage that runs reads them
             status, stats = _run_locked(job, p, upstream_dirs, force=(mode == "force"), verify=verify)
         job.store.remember(p.stage.name, p.doc)
         p.artifact = job.store.entry_dir(p.stage.name, p.fingerprint)

@@ -40,6 +40,7 @@ class Trainer:
         self.checkpoint_dir, self.device, self.dit_dtype, self.progress = checkpoint_dir, device, dit_dtype, progress
         self.step, self.epoch, self.position, self.losses = 0, 0, 0, []
         self.resumed_from = 0
+        self._order_epoch, self._order = None, []  # the current epoch's batches, see epoch_order
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -108,7 +109,7 @@ class Trainer:
 
     def epoch_order(self) -> list[list[dict]]:
         """The current epoch's batches, built once per epoch (a pure function of seed and epoch)."""
-        if getattr(self, "_order_epoch", None) != self.epoch:
+        if self._order_epoch != self.epoch:
             self._order = epoch_batches(self.groups, self.cfg["dataset"], self.cfg["training"]["seed"], self.epoch)
             self._order_epoch = self.epoch
         return self._order
