@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from musubi_pipe.errors import ConfigError
-from musubi_pipe.models.wan.family import locate_dit, locate_t5, locate_tokenizer, locate_vae
+from musubi_pipe.models.wan.locate import locate_dit, locate_t5, locate_tokenizer, locate_vae
 from musubi_pipe.models.wan.keymap import dit_to_diffusers, strip_prefix, vae_to_diffusers
 from musubi_pipe.models.wan.tasks import TASKS, WanTask
 
@@ -79,6 +79,7 @@ def _official_dit_signature(shapes: dict, path: Path, key: str) -> dict:
         "layers": len({k.split(".")[1] for k in shapes if k.startswith("blocks.")}),
         "in_channels": in_channels,
         "ffn_dim": shapes["blocks.0.ffn.0.weight"][0],
+        "image_dim": shapes["img_emb.proj.0.weight"][0] if "img_emb.proj.0.weight" in shapes else 0,
     }
 
 
@@ -131,6 +132,7 @@ def load_dit(path, task: WanTask, device, dtype, key: str = "model.dit") -> WanT
             "layers": config["num_layers"],
             "in_channels": config["in_channels"],
             "ffn_dim": config["ffn_dim"],
+            "image_dim": config.get("image_dim") or 0,
         }
         _check_dit_signature(found, task, source.path, key)
         model = WanTransformer3DModel.from_pretrained(source.path, torch_dtype=dtype)
