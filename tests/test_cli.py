@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -32,17 +33,46 @@ def test_cfg_job_does_not_import_torch():
     assert out.stdout.strip().endswith("NO_TORCH")
 
 
-def test_every_recipe_composes():
+RECIPE_REQUIRED = {
+    "demo": set(),
+    "wan21_t2v_1_3b": {"model.dit", "model.vae", "model.t5", "model.t5_tokenizer", "dataset.datasets"},
+    "wan21_t2v_14b": {"model.dit", "model.vae", "model.t5", "model.t5_tokenizer", "dataset.datasets"},
+    "wan21_i2v_14b": {"model.dit", "model.vae", "model.t5", "model.t5_tokenizer", "model.clip", "dataset.datasets"},
+    "wan22_t2v": {"model.dit", "model.dit_high_noise", "model.vae", "model.t5", "model.t5_tokenizer", "dataset.datasets"},
+    "wan22_i2v": {"model.dit", "model.dit_high_noise", "model.vae", "model.t5", "model.t5_tokenizer", "dataset.datasets"},
+    "wan22_ti2v_5b": {"model.dit", "model.vae", "model.t5", "model.t5_tokenizer", "dataset.datasets"},
+}
+
+
+def _recipe_command(text: str) -> list[str]:
+    """The overrides of the command a recipe's header comment gives (after `python -m musubi_pipe`)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Command:"))
+    command = [lines[start].removeprefix("# Command:").strip()]
+    for line in lines[start + 1 :]:
+        if not line.startswith("#   "):
+            break
+        command.append(line[4:].rstrip("\\ ").strip())
+    words = shlex.split(" ".join(command))
+    assert words[:3] == ["python", "-m", "musubi_pipe"]
+    return words[3:]
+
+
+def test_every_recipe_composes_and_requires_exactly_its_files():
     from musubi_pipe.config import compose, recipes_dir
     from musubi_pipe.config.validate import check_structure
     from musubi_pipe.runner import resolve
 
     names = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
-    assert names == ["demo"]
+    assert names == sorted(RECIPE_REQUIRED)
     for name in names:
-        header = (recipes_dir() / f"{name}.yaml").read_text().splitlines()[1]
-        assert header.startswith("# ") and "Command:" in (recipes_dir() / f"{name}.yaml").read_text()
-        assert check_structure(resolve(compose([f"+recipe={name}"]))) == []
+        text = (recipes_dir() / f"{name}.yaml").read_text()
+        assert text.splitlines()[1].startswith("# ") and "Command:" in text
+        problems = check_structure(resolve(compose([f"+recipe={name}"])))
+        assert {key for key, _ in problems} == RECIPE_REQUIRED[name], name
+        assert all("is required (???)" in message or "is empty" in message for _, message in problems)
+        # the command in the header sets every required value
+        assert check_structure(resolve(compose(_recipe_command(text)))) == [], name
 
 
 def test_bad_input_exits_2_with_the_key(tmp_path):

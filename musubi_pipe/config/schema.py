@@ -28,7 +28,7 @@ SCHEMA: dict[str, dict] = {
         "tiny_dir": "str?",
     },
     "dataset": {"general": "dict", "datasets": "list", "demo_dir": "str?"},
-    "memory": {"gradient_checkpointing": "bool", "attention": ("sdpa",)},
+    "memory": {"gradient_checkpointing": "bool", "attention": ("sdpa",), "offload_inactive_dit": "bool"},
     "optimizer": {
         "optimizer_type": ("adamw",),
         "lr": "float",
@@ -58,6 +58,8 @@ SCHEMA: dict[str, dict] = {
         "sigmoid_scale": "float",
         "save_every_n_steps": "int",
         "output_name": "str",
+        "experts": ("both", "high", "low"),
+        "shared_expert_lora": "bool",
     },
     "sampling": {
         "prompts": "list",
@@ -65,12 +67,14 @@ SCHEMA: dict[str, dict] = {
         "width": "int",
         "height": "int",
         "frames": "int",
-        "steps": "int",
-        "guidance_scale": "float",
-        "shift": "float",
+        "steps": "int?",
+        "guidance_scale": "float?",
+        "guidance_scale_high": "float?",
+        "shift": "float?",
         "seed": "int",
         "lora_multiplier": "float",
-        "fps": "int",
+        "fps": "int?",
+        "image": "str?",
     },
     "pipeline": {
         "stages": "list",
@@ -89,7 +93,9 @@ PROMPT_KEYS = {
     "seed": "int?",
     "steps": "int?",
     "guidance_scale": "float?",
+    "guidance_scale_high": "float?",
     "shift": "float?",
+    "image": "str?",
 }
 
 

@@ -33,6 +33,9 @@ def check_structure(cfg: dict) -> list[tuple[str, str]]:
     general_keys = {k: "any" for k in ("resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale")}
     if isinstance(dataset.get("general"), dict):
         problems += check_mapping("dataset.general", dataset["general"], general_keys)
+    if isinstance(dataset, dict) and dataset.get("datasets") == []:
+        problems.append(("dataset.datasets", "is empty; add at least one image_directory or video_directory entry, "
+                         "e.g. 'dataset.datasets=[{video_directory:/data/clips,target_frames:[81]}]'"))
     allowed = {k: "any?" for kind in DATASET_KEYS.values() for k in kind}
     for i, entry in enumerate(dataset.get("datasets") or []):
         problems += check_mapping(f"dataset.datasets[{i}]", entry, allowed)
@@ -55,10 +58,22 @@ def validate(cfg: dict) -> None:
 
     family = get_family(cfg["model"]["arch"])
     problems = family.check_config(cfg["model"])
-    if "sample" in cfg["pipeline"]["stages"]:
-        problems += check_prompts(cfg["sampling"], family.vae_stride)
     if problems:
         raise ConfigError(problems)
+    problems = _check_experts(cfg, family)
+    if "sample" in cfg["pipeline"]["stages"]:
+        problems += check_prompts(cfg["sampling"], family.geometry(cfg["model"]), family.sample_image(cfg["model"]))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_experts(cfg: dict, family) -> list[tuple[str, str]]:
+    experts = family.experts(cfg["model"])
+    which = cfg["training"]["experts"]
+    if which != "both" and len(experts) == 1:
+        task = cfg["model"].get("task")
+        return [("training.experts", f"is {which!r} but model.task={task} has one DiT; use both")]
+    return []
 
 
 def prepare_embedded(cfg: dict) -> None:
@@ -66,7 +81,7 @@ def prepare_embedded(cfg: dict) -> None:
     from musubi_pipe.models import get_family
 
     if cfg["model"].get("tiny_dir"):
-        get_family(cfg["model"]["arch"]).build_tiny(cfg["model"]["tiny_dir"])
+        get_family(cfg["model"]["arch"]).build_tiny(cfg["model"]["tiny_dir"], cfg["model"]["task"])
     if cfg["dataset"].get("demo_dir"):
         from musubi_pipe.data.demo import make_demo_dataset
 

@@ -201,7 +201,7 @@ def _reason(exc: MediaError) -> str:
     return str(exc).removeprefix(f"{exc.path}: ")
 
 
-def _scan_file(media: Path, settings: _Settings, index: int, target_fps: float) -> list[Item]:
+def _scan_file(media: Path, settings: _Settings, index: int, target_fps: float, bucket_step: int = 16) -> list[Item]:
     """Items of one media file; raises MediaError if the file or its caption cannot be used."""
     caption_path = media.with_name(media.stem + settings.caption_extension)
     caption = read_caption(caption_path)
@@ -221,7 +221,7 @@ def _scan_file(media: Path, settings: _Settings, index: int, target_fps: float) 
                              f"{list(settings.target_frames)}; lower target_frames or remove the video")
     try:
         bucket = select_bucket(size[0], size[1], settings.resolution, settings.enable_bucket,
-                               settings.bucket_no_upscale)
+                               settings.bucket_no_upscale, bucket_step)
     except ValueError as exc:
         raise MediaError(media, f"{exc}; use a larger picture or set bucket_no_upscale = false") from None
     return [
@@ -232,11 +232,13 @@ def _scan_file(media: Path, settings: _Settings, index: int, target_fps: float) 
     ]
 
 
-def scan_dataset(entry: dict, index: int, target_fps: float, key_prefix: str) -> tuple[list[Item], list[Skip]]:
+def scan_dataset(entry: dict, index: int, target_fps: float, key_prefix: str,
+                 bucket_step: int = 16) -> tuple[list[Item], list[Skip]]:
     """Items and skips of one dataset entry, ordered by file name, then clip length, then clip start.
 
     `index` is the entry's position among the datasets, `target_fps` the model's frame rate (used with
-    `source_fps`), `key_prefix` the entry's config path (e.g. "dataset.datasets[0]") for messages.
+    `source_fps`), `key_prefix` the entry's config path (e.g. "dataset.datasets[0]") for messages,
+    `bucket_step` the pixel multiple of bucket sides (16 for Wan2.1, 32 for Wan2.2 TI2V-5B).
     Raises ConfigError for bad settings, a missing folder, or a folder without media files.
     """
     settings = _settings(entry, key_prefix)
@@ -257,7 +259,7 @@ def scan_dataset(entry: dict, index: int, target_fps: float, key_prefix: str) ->
             skips.append(Skip(str(media), f"same name stem as {first}; rename one of them"))
             continue
         try:
-            items.extend(_scan_file(media, settings, index, target_fps))
+            items.extend(_scan_file(media, settings, index, target_fps, bucket_step))
         except MediaError as exc:
             skips.append(Skip(str(media), _reason(exc)))
     return items, skips

@@ -1,21 +1,82 @@
 """The interface every architecture family implements; stages and the training loop use only this.
 
 `model_cfg` is the composed `model` config group as a plain dict (OmegaConf containers converted),
-for example for Wan: {"arch": "wan", "task": "t2v-1.3B", "dit": path, "vae": path, "t5": path,
-"t5_tokenizer": path, ...}. Methods that load weights import torch lazily.
+for example for Wan: {"arch": "wan", "task": "t2v-A14B", "dit": path, "dit_high_noise": path,
+"vae": path, "t5": path, "t5_tokenizer": path, ...}. Methods that load weights import torch lazily.
+
+Some models are several DiTs ("experts"), each denoising one range of timesteps (Wan2.2 A14B: a
+high-noise expert for t >= boundary, a low-noise one below). `Family.experts` lists them; a model
+with one DiT has one expert named "" covering [0, 1]. `route` is the one rule that picks the expert
+for a timestep, in training and in sampling alike.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 
-class VAE(Protocol):
-    """A loaded video VAE. Pixels are float in [-1, 1], shape [B, 3, F, H, W]."""
+@dataclass(frozen=True)
+class Geometry:
+    """How pixels map to the DiT's tokens, and the frame rate the model works at."""
 
-    def encode(self, pixels) -> Any:
-        """Return normalized latents [B, C, F', H', W'] (what the DiT trains on)."""
+    fps: int
+    vae_stride: tuple[int, int, int]  # (temporal, height, width) compression of the VAE
+    patch: tuple[int, int, int]  # the DiT's patch size over latents (frames, height, width)
+    latent_channels: int
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE stride x patch): bucket step and sample sizes."""
+        return self.vae_stride[1] * self.patch[1]
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One DiT of a model: denoises timesteps t (in [0, 1]) with t_min <= t < t_max (t_max 1 includes 1)."""
+
+    name: str  # "" for single-DiT models; else e.g. "high_noise" (also the LoRA file suffix)
+    key: str  # the model config key of its weights, e.g. "model.dit_high_noise"
+    t_min: float
+    t_max: float
+
+    def contains(self, t: float) -> bool:
+        return self.t_min <= t and (t < self.t_max or self.t_max >= 1.0)
+
+
+def route(experts: Sequence[Expert], t: float) -> Expert:
+    """Return the expert that denoises timestep t in [0, 1] (t >= boundary goes to the higher expert)."""
+    for expert in sorted(experts, key=lambda e: -e.t_min):
+        if t >= expert.t_min:
+            return expert
+    return min(experts, key=lambda e: e.t_min)
+
+
+@dataclass
+class TrainingInputs:
+    """What one training step feeds the DiT and compares its output with.
+
+    noisy [B, C, F, H, W]; timesteps [B] on the model's 0..1000 scale; target like noisy; mask None
+    or a tensor broadcastable to target (1 = counts in the loss); cond: conditioning tensors for
+    `Family.predict` (e.g. image latents), batched.
+    """
+
+    noisy: Any
+    timesteps: Any
+    target: Any
+    mask: Any = None
+    cond: dict = field(default_factory=dict)
+
+
+class VAE(Protocol):
+    """A loaded video VAE (with any image encoder the task needs). Pixels are float in [-1, 1], [B, 3, F, H, W]."""
+
+    def encode_item(self, pixels) -> dict:
+        """Return the cached tensors of one training item: "latents" (normalized) plus conditioning tensors."""
+
+    def encode_condition(self, image, frames: int) -> dict:
+        """Return the sampling conditioning for a [1, 3, 1, H, W] image and a video of `frames` frames."""
 
     def decode(self, latents) -> Any:
         """Return pixels [B, 3, F, H, W] in [-1, 1] from normalized latents."""
@@ -31,30 +92,45 @@ class Family(Protocol):
 
     name: str  # full architecture name, written as ss_base_model_version
     modelspec_arch: str  # SAI ModelSpec architecture id of its LoRA files
-    fps: int  # frame rate the family's videos are trained and sampled at
-    vae_stride: tuple[int, int, int]  # (temporal, height, width) compression of the VAE
     model_keys: dict  # model.* config keys of this family beyond the common ones, with type specs
+
+    def geometry(self, model_cfg: dict) -> Geometry: ...
+
+    def experts(self, model_cfg: dict) -> list[Expert]:
+        """The model's DiTs, highest timesteps first; one expert named "" for single-DiT models."""
+
+    def sample_image(self, model_cfg: dict) -> str:
+        """Whether sampling takes a conditioning image: "required", "optional" or "none"."""
+
+    def sampling_defaults(self, model_cfg: dict) -> dict:
+        """Defaults for sampling keys left null: shift, guidance_scale, guidance_scale_high, fps."""
 
     def check_config(self, model_cfg: dict) -> list[tuple[str, str]]:
         """Return (key, message) problems with the model config and its files; never imports torch."""
 
-    def weight_files(self, model_cfg: dict, part: str) -> list[Path]:
-        """Return every file whose content determines `part` ("vae", "text", "dit")."""
+    def weight_files(self, model_cfg: dict, part: str, expert: str = "") -> list[Path]:
+        """Return every file whose content determines `part` ("vae", "text", "dit" of `expert`)."""
 
     def encoder_identity(self, model_cfg: dict, part: str) -> dict:
-        """Return the settings besides file content that determine `part`'s outputs (task, dtype...)."""
+        """Return the settings besides file content that determine `part`'s outputs."""
+
+    def training_identity(self, model_cfg: dict) -> dict:
+        """Return the model settings besides weights that change training (task, resolved boundary...)."""
 
     def load_vae(self, model_cfg: dict, device, dtype) -> VAE: ...
 
     def load_text_encoder(self, model_cfg: dict, device, dtype) -> TextEncoder: ...
 
-    def load_dit(self, model_cfg: dict, device, dtype): ...
+    def load_dit(self, model_cfg: dict, device, dtype, expert: str = ""): ...
 
     def lora_targets(self, dit) -> dict[str, Any]:
         """Return {official module name: torch.nn.Linear} of the modules a LoRA trains by default."""
 
-    def predict(self, dit, noisy_latents, timesteps, text_embeds: list) -> Any:
+    def training_inputs(self, model_cfg: dict, latents, noise, t, cached: dict, generator) -> TrainingInputs:
+        """Build one step's inputs from clean latents, noise, t [B] in (0, 1) and the items' cached extras."""
+
+    def predict(self, dit, noisy_latents, timesteps, text_embeds: list, cond: dict | None = None) -> Any:
         """Run the DiT: noisy latents [B, C, F, H, W], timesteps [B] in [0, 1000], embeddings per item."""
 
-    def build_tiny(self, root: Path, comfy_prefix: bool = False) -> dict[str, str]:
-        """Write a tiny deterministic model in the formats users download; return {model key: path}."""
+    def build_tiny(self, root: Path, task: str) -> dict[str, str]:
+        """Write a tiny deterministic model of `task` in the formats users download; return {model key: path}."""

@@ -161,6 +161,19 @@ class LoRANetwork(nn.Module):
         for m in self.loras.values():
             m.multiplier = float(multiplier)
 
+    def tie_to(self, other: "LoRANetwork") -> None:
+        """Share `other`'s LoRA weights: each network then applies the same LoRA to its own base modules.
+
+        Used for one LoRA trained on several DiTs with the same module names (Wan2.2's two experts).
+        """
+        if set(self.loras) != set(other.loras):
+            raise ValueError("tied LoRA networks must have the same module names")
+        for name, module in self.loras.items():
+            source = other.loras[name]
+            module.lora_down, module.lora_up = source.lora_down, source.lora_up
+            module.alpha = source.alpha
+            module.scale = source.scale
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.loras.parameters() if p.requires_grad]
 

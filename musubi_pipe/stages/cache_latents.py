@@ -1,5 +1,8 @@
 """cache_latents: encode every dataset item (an image, or one clip of a video at its bucket) with the VAE.
 
+An entry holds "latents" and whatever conditioning the task trains with, computed from the item's
+own first frame (Wan I2V: "latents_image" and, for Wan2.1, "clip"); see Family.load_vae/encode_item.
+
 Each item is stored once, content-addressed, in the store's items/latents folder; the stage's own
 artifact is `index.json`, the list of items it used and their entry keys. Adding one image encodes
 one image; changing the VAE changes every key and re-encodes all. Decoding and resizing run in a
@@ -60,10 +63,10 @@ def run(ctx: StageContext) -> dict:
             decoded = pool.map(lambda pair: (pair, _load_pixels(pair[0])), todo)
             progress = tqdm(decoded, total=len(todo), desc="cache_latents", disable=not ctx.runtime.get("progress", True))
             for (item, key), pixels in progress:
-                latents = vae.encode(pixels[None].to(device, dtype))[0]
+                tensors = vae.encode_item(pixels[None].to(device, dtype))
                 common.save_item(
                     job.store.item_path(KIND, key),
-                    {"latents": latents.float().cpu()},
+                    {name: value[0].float().cpu() for name, value in tensors.items()},
                     {"item": item.key, "media": item.media_path},
                 )
         del vae

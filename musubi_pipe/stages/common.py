@@ -43,10 +43,12 @@ def _scan(job: Job):
     if not dataset.get("datasets"):
         raise ConfigError([("dataset.datasets", "is empty; add an image_directory or video_directory entry")])
     items, skips, problems = [], [], []
+    geometry = family(job).geometry(model_cfg(job))
     for index, entry in enumerate(dataset["datasets"]):
         merged = {**general, **entry}
         try:
-            found, skipped = scan_dataset(merged, index, family(job).fps, f"dataset.datasets[{index}]")
+            found, skipped = scan_dataset(merged, index, geometry.fps, f"dataset.datasets[{index}]",
+                                          bucket_step=geometry.pixel_multiple)
         except ConfigError as err:
             problems.extend(err.problems)
             continue
@@ -120,9 +122,9 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def weight_digests(job: Job, part: str) -> list[str]:
-    """Return the content digests of the files that determine `part` ("vae", "text", "dit")."""
-    files = family(job).weight_files(model_cfg(job), part)
+def weight_digests(job: Job, part: str, expert: str = "") -> list[str]:
+    """Return the content digests of the files that determine `part` ("vae", "text", "dit" of `expert`)."""
+    files = family(job).weight_files(model_cfg(job), part, expert)
     return [job.digests.digest(path) for path in files]
 
 

@@ -1,48 +1,98 @@
 """sample: generate each sampling prompt with the trained LoRA; png for one frame, mp4 for more.
 
 Prompt embeddings come from cache_text (the text encoder is not loaded here). Each prompt may
-override width, height, frames, seed, steps, guidance_scale, shift and negative_prompt. The raw
-sampled latents are kept next to the media (`sample_NN.safetensors`) for decode-only reuse and tests.
+override width, height, frames, seed, steps, guidance_scale, guidance_scale_high, shift,
+negative_prompt and image; settings left null take the task's defaults (Family.sampling_defaults,
+e.g. Wan2.2 T2V-A14B: shift 12, guidance 3.0 low / 4.0 high). Image-to-video tasks take the
+conditioning image from `image` (resized and centre-cropped to the prompt's size).
+
+Models with two experts switch at the boundary (models.base.route, as in training): the first
+(high-noise) expert uses guidance_scale_high, the other guidance_scale. Each expert gets the LoRA the
+train stage made for it (`lora_experts` in its stats); an expert that was not trained samples with
+its base weights. The raw sampled latents are kept next to the media (`sample_NN.safetensors`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from musubi_pipe.errors import ConfigError
 from musubi_pipe.pipeline.stage import Job, Stage, StageContext
 from musubi_pipe.stages import common
 
-SETTINGS = ("width", "height", "frames", "seed", "steps", "guidance_scale", "shift", "negative_prompt")
+SETTINGS = ("width", "height", "frames", "seed", "steps", "guidance_scale", "guidance_scale_high", "shift",
+            "negative_prompt", "image")
 
 
-def prompt_settings(sampling: dict) -> list[dict]:
-    """Return each prompt with every setting filled from the sampling defaults."""
+def prompt_settings(sampling: dict, defaults: dict | None = None) -> list[dict]:
+    """Return each prompt with every setting filled: the prompt's value, else sampling.*, else the task default."""
+    defaults = defaults or {}
     resolved = []
     for prompt in sampling.get("prompts") or []:
-        settings = {key: sampling[key] if prompt.get(key) is None else prompt[key] for key in SETTINGS}
+        settings = {}
+        for key in SETTINGS:
+            value = prompt.get(key)
+            if value is None:
+                value = sampling.get(key)
+            if value is None:
+                value = defaults.get(key)
+            settings[key] = value
         resolved.append(dict(settings, prompt=prompt["prompt"]))
     return resolved
 
 
-def check_prompts(sampling: dict, stride: tuple[int, int, int], patch: int = 2) -> list[tuple[str, str]]:
-    """Return (key, message) problems with prompt sizes: sides a multiple of the latent grid, frames 4n+1."""
+def check_prompts(sampling: dict, geometry, image_mode: str = "none") -> list[tuple[str, str]]:
+    """Return (key, message) problems: sizes on the latent grid, frames 4n+1, conditioning images."""
     problems = []
-    multiple = stride[1] * patch
+    multiple, stride = geometry.pixel_multiple, geometry.vae_stride[0]
     for i, p in enumerate(prompt_settings(sampling)):
         for side in ("width", "height"):
             if p[side] % multiple:
                 problems.append((f"sampling.prompts[{i}].{side}", f"is {p[side]}; use a multiple of {multiple}"))
-        if (p["frames"] - 1) % stride[0]:
-            problems.append((f"sampling.prompts[{i}].frames", f"is {p['frames']}; use {stride[0]}n+1 (1, 5, 9, ...)"))
+        if (p["frames"] - 1) % stride:
+            problems.append((f"sampling.prompts[{i}].frames", f"is {p['frames']}; use {stride}n+1 (1, 5, 9, ...)"))
+        image = p["image"]
+        if image_mode == "required" and not image:
+            problems.append((f"sampling.prompts[{i}].image", "is not set; this image-to-video task needs a start "
+                             "image: set sampling.image=<path> or the prompt's image"))
+        elif image and image_mode == "none":
+            problems.append((f"sampling.prompts[{i}].image", "is set but this task takes no image; remove it"))
+        elif image and not os.path.isfile(image):
+            problems.append((f"sampling.prompts[{i}].image", f"{image} does not exist; point it at an image file"))
     return problems
 
 
+def _defaults(job: Job) -> dict:
+    return common.family(job).sampling_defaults(common.model_cfg(job))
+
+
 def inputs(job: Job) -> dict:
+    family, model = common.family(job), common.model_cfg(job)
+    images = sorted({p["image"] for p in prompt_settings(job.cfg["sampling"]) if p["image"]})
     return {
-        "dit": {"files": common.weight_digests(job, "dit"), "dtype": common.resolve_dtype(job, "dit_dtype")},
+        "dit": {
+            "files": {e.name: common.weight_digests(job, "dit", e.name) for e in family.experts(model)},
+            "dtype": common.resolve_dtype(job, "dit_dtype"),
+        },
+        "model": family.training_identity(model),
+        "defaults": _defaults(job),
         "vae": job.cached("vae_doc", lambda: common.encoder_document(job, "vae", "vae_dtype")),
+        "images": {path: job.digests.digest(path) for path in images},
     }
+
+
+def _load_image(path: str, width: int, height: int):
+    """An image as pixels [1, 3, 1, H, W] in [-1, 1], cover-resized and centre-cropped to width x height."""
+    import numpy as np
+    import torch
+
+    from musubi_pipe.data.buckets import resize_to_bucket
+    from musubi_pipe.data.media import load_image
+
+    frames = resize_to_bucket(load_image(path)[None], (width, height))
+    pixels = torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    return pixels[None]
 
 
 def run(ctx: StageContext) -> dict:
@@ -50,42 +100,75 @@ def run(ctx: StageContext) -> dict:
     from safetensors.torch import load_file, save_file
 
     from musubi_pipe.data.media import write_mp4, write_png
+    from musubi_pipe.models.base import route
+    from musubi_pipe.models.experts import ExpertDits
     from musubi_pipe.network.lora import LoRANetwork
     from musubi_pipe.network.lora_file import load_lora_file
-    from musubi_pipe.sampling.flow_match import sample_latents
+    from musubi_pipe.sampling.flow_match import guided, sample_latents
 
     job, sampling = ctx.job, ctx.cfg["sampling"]
-    prompts = prompt_settings(sampling)
+    defaults = _defaults(job)
+    prompts = prompt_settings(sampling, defaults)
     if not prompts:
         raise ConfigError([("sampling.prompts", "is empty; add at least one prompt or drop sample from pipeline.stages")])
     family, model = common.family(job), common.model_cfg(job)
+    geometry, experts = family.geometry(model), family.experts(model)
     device = common.resolve_device(job)
     dit_dtype = common.torch_dtype(common.resolve_dtype(job, "dit_dtype"))
+    vae_dtype = common.torch_dtype(common.resolve_dtype(job, "vae_dtype"))
     text_index = json.loads((ctx.upstream_dirs["cache_text"] / "index.json").read_text())
-    train_stats = json.loads((ctx.upstream_dirs["train"] / "manifest.json").read_text())["stats"]
-    dit = family.load_dit(model, device, dit_dtype)
-    tensors, _ = load_lora_file(ctx.upstream_dirs["train"] / train_stats["outputs"]["lora"][0])
-    rank = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight"))
-    network = LoRANetwork(family.lora_targets(dit), rank, None, multiplier=sampling["lora_multiplier"])
-    network.load_lora_state_dict(tensors)
-    network.to(device)
-    network.apply_to()
+    train_dir = ctx.upstream_dirs["train"]
+    train_stats = json.loads((train_dir / "manifest.json").read_text())["stats"]
+    lora_experts = train_stats.get("lora_experts") or {"": train_stats["outputs"]["lora"][0]}
+
+    conds = [{} for _ in prompts]
+    if any(p["image"] for p in prompts):
+        vae = family.load_vae(model, device, vae_dtype)
+        for cond, p in zip(conds, prompts):
+            if p["image"]:
+                pixels = _load_image(p["image"], p["width"], p["height"]).to(device, vae_dtype)
+                cond.update({k: v.cpu() for k, v in vae.encode_condition(pixels, p["frames"]).items()})
+        del vae
+
+    offload = bool(job.cfg["memory"].get("offload_inactive_dit"))
+    dits, networks = {}, []
+    for expert in experts:
+        dit = family.load_dit(model, "cpu" if offload and len(experts) > 1 else device, dit_dtype, expert=expert.name)
+        dits[expert.name] = dit
+        if expert.name in lora_experts:
+            tensors, _ = load_lora_file(train_dir / lora_experts[expert.name])
+            rank = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight"))
+            network = LoRANetwork(family.lora_targets(dit), rank, None, multiplier=sampling["lora_multiplier"])
+            network.load_lora_state_dict(tensors)
+            network.to(device)
+            network.apply_to()
+            networks.append(network)
+    dits = ExpertDits(dits, device, offload)
 
     def embedding(text):
-        return load_file(str(job.store.item_path("text", text_index[text])))["embedding"]
+        return load_file(str(job.store.item_path("text", text_index[text])))["embedding"].to(device, dit_dtype)
 
-    channels, (st, sh, sw) = dit.config.in_channels, family.vae_stride
+    (st, sh, sw) = geometry.vae_stride
     latents_out = []
-    for p in prompts:
-        shape = (1, channels, (p["frames"] - 1) // st + 1, p["height"] // sh, p["width"] // sw)
-        latents_out.append(sample_latents(
-            family, dit, shape=shape, positive=embedding(p["prompt"]), negative=embedding(p["negative_prompt"]),
-            steps=p["steps"], guidance_scale=p["guidance_scale"], shift=p["shift"], seed=p["seed"],
-            device=device, dtype=dit_dtype, progress=ctx.runtime.get("progress", True),
-        ))
-    network.restore()
-    del dit, network
-    vae = family.load_vae(model, device, common.torch_dtype(common.resolve_dtype(job, "vae_dtype")))
+    for p, cond in zip(prompts, conds):
+        shape = (1, geometry.latent_channels, (p["frames"] - 1) // st + 1, p["height"] // sh, p["width"] // sw)
+        pos, neg = [embedding(p["prompt"])], [embedding(p["negative_prompt"])]
+        cond = {k: v.to(device, dit_dtype) for k, v in cond.items()}
+
+        def velocity(x, timestep, p=p, cond=cond, pos=pos, neg=neg):
+            expert = route(experts, float(timestep) / 1000)
+            dit = dits.get(expert.name)
+            scale = p["guidance_scale_high"] if len(experts) > 1 and expert is experts[0] else p["guidance_scale"]
+            x, t = x.to(device), timestep.expand(x.shape[0]).to(device, torch.float32)
+            return guided(lambda positive: family.predict(dit, x, t, pos if positive else neg, cond), scale)
+
+        latents_out.append(sample_latents(velocity, shape=shape, steps=p["steps"], shift=p["shift"], seed=p["seed"],
+                                          progress=ctx.runtime.get("progress", True)))
+    for network in networks:
+        network.restore()
+    del dits, networks
+    vae = family.load_vae(model, device, vae_dtype)
+    fps = sampling.get("fps") or defaults["fps"]
     files = []
     for i, (p, latents) in enumerate(zip(prompts, latents_out)):
         save_file({"latents": latents[0].contiguous()}, str(ctx.out_dir / f"sample_{i:02d}.safetensors"))
@@ -97,14 +180,14 @@ def run(ctx: StageContext) -> dict:
             write_png(path, frames[0])
         else:
             path = ctx.out_dir / f"sample_{i:02d}.mp4"
-            write_mp4(path, frames, sampling["fps"])
+            write_mp4(path, frames, fps)
         files.append(path.name)
     return {"outputs": {"samples": files}, "prompts": [p["prompt"] for p in prompts]}
 
 
 STAGE = Stage(
     name="sample",
-    version=1,
+    version=2,
     upstream=("train", "cache_text"),
     keys=("model.arch", "model.task", "sampling"),
     inputs=inputs,

@@ -1,5 +1,10 @@
 """train: train a LoRA on the cached latents and text embeddings; publish `<output_name>.safetensors`.
 
+Models with two experts (Wan2.2 A14B) publish one file per trained expert,
+`<output_name>_high_noise.safetensors` and `<output_name>_low_noise.safetensors`, or one shared
+`<output_name>.safetensors` with `training.shared_expert_lora`. The stats map each expert to the file
+that applies to it (`lora_experts`), which the sample stage reads.
+
 Resumable checkpoints live in the store's partial folder for this fingerprint, so re-running an
 interrupted job resumes from its last checkpoint instead of restarting.
 """
@@ -21,9 +26,20 @@ def _mixed_precision(job: Job) -> str:
     return "bf16" if common.resolve_dtype(job, "dit_dtype") == "bfloat16" else "no"
 
 
+def trained_experts(job: Job) -> list:
+    from musubi_pipe.training.loop import active_experts
+
+    experts = common.family(job).experts(common.model_cfg(job))
+    return active_experts(experts, job.cfg["training"]["experts"])
+
+
 def inputs(job: Job) -> dict:
     return {
-        "dit": {"files": common.weight_digests(job, "dit"), "dtype": common.resolve_dtype(job, "dit_dtype")},
+        "dit": {
+            "files": {e.name: common.weight_digests(job, "dit", e.name) for e in trained_experts(job)},
+            "dtype": common.resolve_dtype(job, "dit_dtype"),
+        },
+        "model": common.family(job).training_identity(common.model_cfg(job)),
         "mixed_precision": _mixed_precision(job),
         "network_weights": _network_weights_digest(job),
     }
@@ -37,7 +53,7 @@ def _network_weights_digest(job: Job):
 def run(ctx: StageContext) -> dict:
     from safetensors.torch import load_file
 
-    from musubi_pipe.network.lora_file import build_metadata, save_lora_file
+    from musubi_pipe.network.lora_file import save_lora_file
     from musubi_pipe.training.loop import Trainer
 
     job, cfg = ctx.job, ctx.cfg
@@ -62,33 +78,62 @@ def run(ctx: StageContext) -> dict:
     )
     trainer.setup()
     trainer.train()
-    net, name = cfg["network"], cfg["training"]["output_name"]
-    metadata = build_metadata(
-        arch=family.name,
-        modelspec_arch=family.modelspec_arch,
-        network_module=f"networks.lora_{family.name}",
-        network_dim=net["network_dim"],
-        network_alpha=net["network_alpha"],
-        base_model=common.model_cfg(job)["dit"],
-        steps=trainer.step,
-        epoch=trainer.epoch,
-        seed=cfg["training"]["seed"],
-        learning_rate=cfg["optimizer"]["lr"],
-        title=name,
-        extra={"ss_training_fingerprint": ctx.fingerprint, "ss_timestep_sampling": train_cfg["timestep_sampling"],
-               "ss_discrete_flow_shift": train_cfg["discrete_flow_shift"], "ss_mixed_precision": train_cfg["mixed_precision"]},
-    )
-    lora_file = ctx.out_dir / f"{name}.safetensors"
-    save_lora_file(lora_file, trainer.network.lora_state_dict(common.torch_dtype(net["save_dtype"])), metadata)
+    name = cfg["training"]["output_name"]
+    files, lora_experts = [], {}
+    for suffix, network in trainer.networks.items():
+        lora_file = ctx.out_dir / (f"{name}_{suffix}.safetensors" if suffix else f"{name}.safetensors")
+        metadata = _metadata(ctx, family, trainer, train_cfg, suffix)
+        save_lora_file(lora_file, network.lora_state_dict(common.torch_dtype(cfg["network"]["save_dtype"])), metadata)
+        files.append(lora_file.name)
+        for expert in trainer.experts:
+            if not suffix or suffix == expert.name:
+                lora_experts[expert.name] = lora_file.name
     trainer.cleanup()
     return {
-        "outputs": {"lora": [lora_file.name]},
+        "outputs": {"lora": files},
+        "lora_experts": lora_experts,
+        "expert_steps": trainer.expert_steps,
         "steps": trainer.step,
         "epochs": trainer.epoch + 1,
         "resumed_from_step": trainer.resumed_from,
         "final_loss": trainer.losses[-1] if trainer.losses else None,
         "losses": [round(v, 6) for v in trainer.losses],
     }
+
+
+def _metadata(ctx: StageContext, family, trainer, train_cfg: dict, suffix: str) -> dict:
+    from musubi_pipe.network.lora_file import build_metadata
+
+    cfg, job = ctx.cfg, ctx.job
+    net, name = cfg["network"], cfg["training"]["output_name"]
+    experts = [e for e in trainer.experts if not suffix or e.name == suffix]
+    extra = {
+        "ss_training_fingerprint": ctx.fingerprint,
+        "ss_timestep_sampling": train_cfg["timestep_sampling"],
+        "ss_discrete_flow_shift": train_cfg["discrete_flow_shift"],
+        "ss_mixed_precision": train_cfg["mixed_precision"],
+    }
+    if any(e.name for e in experts):
+        # which expert(s) of a two-expert model (Wan2.2 A14B) this file is for, and their t range
+        extra["ss_experts"] = ",".join(e.name for e in experts)
+        extra["ss_min_timestep"] = round(min(e.t_min for e in experts) * 1000)
+        extra["ss_max_timestep"] = round(max(e.t_max for e in experts) * 1000)
+    model = common.model_cfg(job)
+    base = model.get("dit_high_noise") if suffix == "high_noise" else model.get("dit")
+    return build_metadata(
+        arch=family.name,
+        modelspec_arch=family.modelspec_arch,
+        network_module=f"networks.lora_{family.name}",
+        network_dim=net["network_dim"],
+        network_alpha=net["network_alpha"],
+        base_model=base,
+        steps=trainer.step,
+        epoch=trainer.epoch,
+        seed=cfg["training"]["seed"],
+        learning_rate=cfg["optimizer"]["lr"],
+        title=f"{name}_{suffix}" if suffix else name,
+        extra=extra,
+    )
 
 
 STAGE = Stage(

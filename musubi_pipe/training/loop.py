@@ -1,9 +1,16 @@
 """The LoRA training loop. Reads top to bottom: setup, train, save_checkpoint, load_checkpoint, cleanup.
 
-Rectified flow: x_t = (1 - t) x0 + t noise, target = noise - x0, the DiT sees timestep 1000 t.
-Only the LoRA is trained; the DiT is frozen. Noise and timesteps come from one torch.Generator
-whose state is checkpointed with the optimizer, scheduler and data position, so a killed run that
-is re-run continues exactly where it stopped.
+Rectified flow: x_t = (1 - t) x0 + t noise, target = noise - x0, the DiT sees timestep 1000 t (the
+family builds the inputs, e.g. adds image conditioning). Only the LoRA is trained; the DiT is frozen.
+Noise and timesteps come from one torch.Generator whose state is checkpointed with the optimizer,
+scheduler and data position, so a killed run that is re-run continues exactly where it stopped.
+
+Models with several experts (Wan2.2 A14B): `training.experts` picks which are trained (both, high or
+low). Each batch draws the first item's t, routes it to its expert (models.base.route) and redraws
+the other items' t until they fall in the same expert's range, as musubi-tuner does. Each expert
+gets its own LoRA (one file per expert, what ComfyUI's Wan2.2 workflows load) unless
+`training.shared_expert_lora` trains one LoRA on both. `memory.offload_inactive_dit` keeps the
+expert that is not in use on the CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from musubi_pipe.network.lora_file import load_lora_file
 from musubi_pipe.training import checkpoint as ckpt
 from musubi_pipe.training.batches import epoch_batches, group_items
 from musubi_pipe.training.schedule import build_scheduler
-from musubi_pipe.training.timesteps import noisy_input, sample_t
+from musubi_pipe.models.base import route
+from musubi_pipe.models.experts import ExpertDits
+from musubi_pipe.training.timesteps import sample_t_in
 
 log = logging.getLogger("musubi_pipe")
 
@@ -41,22 +50,40 @@ class Trainer:
         self.step, self.epoch, self.position, self.losses = 0, 0, 0, []
         self.resumed_from = 0
         self._order_epoch, self._order = None, []  # the current epoch's batches, see epoch_order
+        self._expert_networks: dict = {}  # expert name -> the network applied to that expert's DiT
+        self.expert_steps: dict[str, int] = {}  # how many batches each expert trained on
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
         train, opt, net = self.cfg["training"], self.cfg["optimizer"], self.cfg["network"]
-        self.dit = self.family.load_dit(self.model_cfg, self.device, self.dit_dtype)
-        if self.cfg["memory"].get("gradient_checkpointing"):
-            self.dit.enable_gradient_checkpointing()
+        self.experts = active_experts(self.family.experts(self.model_cfg), train.get("experts", "both"))
+        offload = bool(self.cfg["memory"].get("offload_inactive_dit")) and len(self.experts) > 1
+        dits = {}
+        for expert in self.experts:
+            dit = self.family.load_dit(self.model_cfg, "cpu" if offload else self.device, self.dit_dtype, expert=expert.name)
+            if self.cfg["memory"].get("gradient_checkpointing"):
+                dit.enable_gradient_checkpointing()
+            dits[expert.name] = dit
+        self.dits = ExpertDits(dits, self.device, offload)
         torch.manual_seed(train["seed"])  # LoRA init draws from the global RNG
-        self.network = LoRANetwork(self.family.lora_targets(self.dit), net["network_dim"], net["network_alpha"])
+        shared = len(self.experts) > 1 and train.get("shared_expert_lora", False)
+        # {file name suffix: network}: one entry per trained LoRA file ("" = no suffix)
+        self.networks: dict[str, LoRANetwork] = {}
+        for expert in self.experts:
+            network = LoRANetwork(self.family.lora_targets(self.dits[expert.name]), net["network_dim"], net["network_alpha"])
+            if shared and self.networks:
+                network.tie_to(self.networks[""])
+            self.networks.setdefault("" if shared else expert.name, network)
+            self._expert_networks[expert.name] = network
         if net.get("network_weights"):
             tensors, _ = load_lora_file(net["network_weights"])
-            self.network.load_lora_state_dict(tensors, source=f"network.network_weights={net['network_weights']}")
-        self.network.to(self.device, torch.float32)
-        self.network.apply_to()
+            for network in self.networks.values():
+                network.load_lora_state_dict(tensors, source=f"network.network_weights={net['network_weights']}")
+        for network in self._expert_networks.values():
+            network.to(self.device, torch.float32)
+            network.apply_to()
         self.optimizer = torch.optim.AdamW(
-            self.network.trainable_parameters(),
+            self.trainable_parameters(),
             lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], weight_decay=opt["weight_decay"],
         )
         self.groups = group_items(self.latents_index, self.cfg["dataset"])
@@ -73,12 +100,23 @@ class Trainer:
         if latest:
             self.load_checkpoint(latest[-1])
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Every trainable LoRA parameter once (tied networks share theirs)."""
+        params, seen = [], set()
+        for network in self.networks.values():
+            for p in network.trainable_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
     # -- train -------------------------------------------------------------------------------
     def train(self) -> None:
         train = self.cfg["training"]
         accum, every = train["gradient_accumulation_steps"], train["save_every_n_steps"]
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not self.progress)
-        self.dit.train()
+        for dit in self.dits.values():
+            dit.train()
         while self.step < self.max_steps:
             total = 0.0
             for _ in range(accum):
@@ -86,7 +124,7 @@ class Trainer:
                 loss.backward()  # frees the graph; activations do not pile up across accumulation
                 total += loss.item()
             if self.cfg["optimizer"]["max_grad_norm"] > 0:
-                torch.nn.utils.clip_grad_norm_(self.network.trainable_parameters(), self.cfg["optimizer"]["max_grad_norm"])
+                torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg["optimizer"]["max_grad_norm"])
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -97,7 +135,8 @@ class Trainer:
             if every > 0 and self.step % every == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
         bar.close()
-        self.dit.eval()
+        for dit in self.dits.values():
+            dit.eval()
 
     def next_batch(self) -> list[dict]:
         """Return the next batch of the data order, moving to the next epoch when one ends."""
@@ -114,42 +153,92 @@ class Trainer:
             self._order_epoch = self.epoch
         return self._order
 
-    def training_loss(self, batch: list[dict]) -> torch.Tensor:
+    def sample_timesteps(self, n: int):
+        """Return (expert, t [n]) for one batch: t in the trained experts' range, all items on one expert."""
         train = self.cfg["training"]
-        latents = torch.stack([load_file(str(self.latent_path(r)))["latents"] for r in batch])
+        kwargs = dict(shift=train["discrete_flow_shift"], sigmoid_scale=train["sigmoid_scale"], generator=self.generator)
+        low, high = _span(self.experts)
+        t = sample_t_in(n, train["timestep_sampling"], low, high, **kwargs)
+        expert = route(self.experts, float(t[0]))
+        if len(self.experts) > 1 and n > 1:
+            low, high = _span([expert])
+            t = torch.cat([t[:1], sample_t_in(n - 1, train["timestep_sampling"], low, high, **kwargs)])
+        return expert, t
+
+    def training_loss(self, batch: list[dict]) -> torch.Tensor:
+        entries = [load_file(str(self.latent_path(r))) for r in batch]
+        latents = torch.stack([e["latents"] for e in entries])
+        cached = {k: torch.stack([e[k] for e in entries]) for k in entries[0] if k != "latents"}
         embeds = [self.text_entry(r["caption"]).to(self.device, self.dit_dtype) for r in batch]
         noise = torch.randn(latents.shape, generator=self.generator)
-        t = sample_t(
-            len(batch), train["timestep_sampling"],
-            shift=train["discrete_flow_shift"], sigmoid_scale=train["sigmoid_scale"], generator=self.generator,
-        )
-        noisy, target = noisy_input(latents, noise, t)
+        expert, t = self.sample_timesteps(len(batch))
+        inputs = self.family.training_inputs(self.model_cfg, latents, noise, t, cached, self.generator)
+        dit = self.dits.get(expert.name)
+        self.expert_steps[expert.name] = self.expert_steps.get(expert.name, 0) + 1
+        cond = {k: v.to(self.device, self.dit_dtype) for k, v in inputs.cond.items()}
         with self.autocast:
-            pred = self.family.predict(self.dit, noisy.to(self.device, self.dit_dtype), (t * 1000).to(self.device), embeds)
-        return F.mse_loss(pred.float(), target.to(self.device).float())
+            pred = self.family.predict(dit, inputs.noisy.to(self.device, self.dit_dtype), inputs.timesteps.to(self.device), embeds, cond)
+        return _masked_mse(pred.float(), inputs.target.to(self.device).float(), inputs.mask)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         ckpt.save_checkpoint(
             self.checkpoint_dir, self.step,
-            network_state=self.network.lora_state_dict(torch.float32),
+            network_state=self.network_state(),
             optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator,
-            state={"epoch": self.epoch, "position": self.position, "losses": self.losses},
+            state={"epoch": self.epoch, "position": self.position, "losses": self.losses, "expert_steps": self.expert_steps},
         )
 
     def load_checkpoint(self, path: Path) -> None:
         network_state, state = ckpt.load_checkpoint(path, optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator)
-        self.network.load_lora_state_dict(network_state, source=str(path))
+        for suffix, network in self.networks.items():
+            prefix = f"{suffix}/" if suffix else ""
+            own = {k[len(prefix):]: v for k, v in network_state.items() if k.startswith(prefix) and (prefix or "/" not in k)}
+            network.load_lora_state_dict(own, source=str(path))
         self.step, self.epoch, self.position, self.losses = state["step"], state["epoch"], state["position"], state["losses"]
+        self.expert_steps = state.get("expert_steps", {})
         self.resumed_from = self.step
         log.info("train: resumed from checkpoint %s (step %d, epoch %d)", path, self.step, self.epoch)
 
+    def network_state(self) -> dict:
+        """All trained LoRA tensors in float32, keys prefixed `<expert>/` when there are several files."""
+        state = {}
+        for suffix, network in self.networks.items():
+            prefix = f"{suffix}/" if suffix else ""
+            state.update({prefix + k: v for k, v in network.lora_state_dict(torch.float32).items()})
+        return state
+
     # -- cleanup -----------------------------------------------------------------------------
     def cleanup(self) -> None:
-        self.network.restore()
-        del self.dit, self.optimizer
+        for network in self._expert_networks.values():
+            network.restore()
+        del self.dits, self.optimizer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def active_experts(experts: list, which: str) -> list:
+    """The experts `training.experts` selects: both (all), high or low (Wan2.2 A14B)."""
+    if which == "both":
+        return list(experts)
+    chosen = [e for e in experts if e.name == f"{which}_noise"]
+    if not chosen:
+        raise ValueError(f"training.experts={which} needs a model with high- and low-noise experts")
+    return chosen
+
+
+def _span(experts: list) -> tuple[float, float]:
+    """The t range [low, high] the experts cover; a range open at its top stops just below it."""
+    low = min(e.t_min for e in experts)
+    top = max(e.t_max for e in experts)
+    return low, (1.0 if top >= 1.0 else math.nextafter(top, 0.0))
+
+
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask) -> torch.Tensor:
+    if mask is None:
+        return F.mse_loss(pred, target)
+    weight = mask.to(pred.device, pred.dtype).expand_as(pred)
+    return ((pred - target) ** 2 * weight).sum() / weight.sum()
 
 
 def _autocast(device: str, mixed_precision: str):

@@ -31,3 +31,21 @@ def noisy_input(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
     """Return (x_t, target) for latents [B, ...] and per-item t [B]."""
     t_b = t.view(-1, *([1] * (latents.dim() - 1))).to(latents)
     return (1 - t_b) * latents + t_b * noise, noise - latents
+
+
+def sample_t_in(n: int, method: str, low: float, high: float, *, shift: float = 1.0, sigmoid_scale: float = 1.0,
+                generator=None, tries: int = 100) -> torch.Tensor:
+    """Like `sample_t`, restricted to [low, high] by redrawing what falls outside (keeps the method's shape).
+
+    After `tries` rounds anything still outside is clamped. With [0, 1] this is `sample_t` exactly.
+    """
+    t = sample_t(n, method, shift=shift, sigmoid_scale=sigmoid_scale, generator=generator)
+    if low <= 0.0 and high >= 1.0:
+        return t
+    for _ in range(tries):
+        outside = (t < low) | (t > high)
+        if not outside.any():
+            break
+        redraw = sample_t(n, method, shift=shift, sigmoid_scale=sigmoid_scale, generator=generator)
+        t = torch.where(outside, redraw, t)
+    return t.clamp(low, high)

@@ -1,11 +1,15 @@
-"""State-dict key maps between diffusers and official Wan2.1 names, for the DiT and the VAE.
+"""State-dict key maps between diffusers and official Wan names: the DiT, the Wan2.1 VAE and the Wan2.2 VAE.
 
-Official -> diffusers uses diffusers' own single-file converters, so we read checkpoints exactly as
-`from_single_file` would. Diffusers -> official (used to write tiny models in the format users
-download) is the explicit rule tables below; every key must match a rule or it is an error.
+Official -> diffusers uses diffusers' own single-file converters where diffusers has one (the DiT and
+the Wan2.1 VAE), so we read checkpoints exactly as `from_single_file` would. Diffusers 0.42's
+single-file VAE converter only knows the Wan2.1 VAE, so the Wan2.2 VAE (Wan2.2_VAE.pth, TI2V-5B) is
+converted with the rule tables below in both directions. Diffusers -> official (used to write tiny
+models in the formats users download) is always the rule tables; every key must match a rule or it
+is an error.
 
     official = dit_to_official(model.state_dict())
     assert dit_to_diffusers(official).keys() == model.state_dict().keys()
+    official_vae = vae_to_official(vae.state_dict(), "2.2")     # "2.1" | "2.2" (WanTask.vae_version)
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from diffusers.loaders.single_file_utils import (
     convert_wan_vae_to_diffusers,
 )
 
+from musubi_pipe.models.wan.locate import OFFICIAL_PREFIXES  # ComfyUI `model.diffusion_model.*` etc.
 from musubi_pipe.models.wan.names import BLOCK_LINEARS
 
-# ComfyUI saves the DiT as `model.diffusion_model.*`, some repacks as `diffusion_model.*`.
-OFFICIAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+__all__ = ["OFFICIAL_PREFIXES", "dit_to_diffusers", "dit_to_official", "strip_prefix", "vae_to_diffusers",
+           "vae_to_official"]
+VAE_VERSIONS = ("2.1", "2.2")
 
 # Rule = (diffusers key template, official key template). `{}` is a block index and `*` a parameter
 # name (weight, bias, gamma); both are copied across in order.
@@ -62,15 +68,12 @@ _RESIDUAL = [
 _RESAMPLE = [("resample.1.*", "resample.1.*"), ("time_conv.*", "time_conv.*")]
 _ATTENTION = [("norm.gamma", "norm.gamma"), ("to_qkv.*", "to_qkv.*"), ("proj.*", "proj.*")]
 
+VaeModules = list[tuple[str, str, list[tuple[str, str]]]]
 
-def _vae_modules() -> list[tuple[str, str, list[tuple[str, str]]]]:
-    """Return (diffusers module, official module, sub-rules) for every module of the Wan2.1 VAE."""
-    modules = [
-        ("quant_conv", "conv1", _CONV),
-        ("post_quant_conv", "conv2", _CONV),
-        # both encoders are one flat list of residual blocks and downsamplers, same indices
-        ("encoder.down_blocks.{}", "encoder.downsamples.{}", _RESIDUAL + _RESAMPLE),
-    ]
+
+def _vae_shared_modules() -> VaeModules:
+    """(diffusers module, official module, sub-rules) for the parts both VAE versions name alike."""
+    modules = [("quant_conv", "conv1", _CONV), ("post_quant_conv", "conv2", _CONV)]
     for side in ("encoder", "decoder"):
         modules += [
             (f"{side}.conv_in", f"{side}.conv1", _CONV),
@@ -80,6 +83,14 @@ def _vae_modules() -> list[tuple[str, str, list[tuple[str, str]]]]:
             (f"{side}.norm_out", f"{side}.head.0", [("gamma", "gamma")]),
             (f"{side}.conv_out", f"{side}.head.2", _CONV),
         ]
+    return modules
+
+
+def _vae21_modules() -> VaeModules:
+    """Every module of the Wan2.1 VAE (Wan2.1_VAE.pth)."""
+    modules = _vae_shared_modules()
+    # both encoders are one flat list of residual blocks and downsamplers, same indices
+    modules.append(("encoder.down_blocks.{}", "encoder.downsamples.{}", _RESIDUAL + _RESAMPLE))
     # The official decoder is one flat list: per level, 3 residual blocks then the upsampler. Wan2.1
     # has 4 levels (diffusers' converter hard-codes the same indices 0..14).
     for level in range(4):
@@ -89,12 +100,49 @@ def _vae_modules() -> list[tuple[str, str, list[tuple[str, str]]]]:
     return modules
 
 
-_VAE_RULES: list[tuple[str, str]] = [
-    (f"{d}.{ds}", f"{o}.{os_}") for d, o, subs in _vae_modules() for ds, os_ in subs
+# Wan2.2 VAE levels: (side, diffusers block list, diffusers resampler name, official list name).
+# Official: `encoder.downsamples.L.downsamples.I` is level L's residual block I, and the index after
+# the last residual block is the level's resampler (if the level has one); the same for the decoder
+# with `upsamples`. Diffusers keeps the residual indices (`resnets.I`) and names the resampler.
+_VAE22_LEVELS = [
+    ("encoder", "down_blocks", "downsampler", "downsamples"),
+    ("decoder", "up_blocks", "upsampler", "upsamples"),
 ]
+_VAE22_DIFFUSERS_RESNET = re.compile(r"(encoder|decoder)\.(?:down|up)_blocks\.(\d+)\.resnets\.(\d+)\.")
+_VAE22_OFFICIAL_RESNET = re.compile(
+    r"(encoder|decoder)\.(?:down|up)samples\.(\d+)\.(?:down|up)samples\.(\d+)\.(?:residual|shortcut)\."
+)
+
+
+def _resnet_counts(keys, pattern: re.Pattern) -> dict[tuple[str, int], int]:
+    """Return {(side, level): number of residual blocks} of a Wan2.2 VAE state dict, from its key names."""
+    counts: dict[tuple[str, int], int] = {}
+    for key in keys:
+        m = pattern.match(key)
+        if m:
+            level = (m[1], int(m[2]))
+            counts[level] = max(counts.get(level, 0), int(m[3]) + 1)
+    return counts
+
+
+def _vae22_modules(counts: dict[tuple[str, int], int]) -> VaeModules:
+    """Every module of a Wan2.2 VAE (Wan2.2_VAE.pth) whose levels hold `counts` residual blocks."""
+    modules = _vae_shared_modules()
+    layout = {side: (blocks, sampler, official) for side, blocks, sampler, official in _VAE22_LEVELS}
+    for (side, level), n_resnets in sorted(counts.items()):
+        blocks, sampler, official = layout[side]
+        prefix, official_prefix = f"{side}.{blocks}.{level}", f"{side}.{official}.{level}.{official}"
+        modules.append((f"{prefix}.resnets.{{}}", f"{official_prefix}.{{}}", _RESIDUAL))
+        modules.append((f"{prefix}.{sampler}", f"{official_prefix}.{n_resnets}", _RESAMPLE))
+    return modules
+
+
+def _flatten(modules: VaeModules) -> list[tuple[str, str]]:
+    return [(f"{d}.{ds}", f"{o}.{os_}") for d, o, subs in modules for ds, os_ in subs]
 
 
 def _compile(rules: list[tuple[str, str]]) -> list[tuple[re.Pattern, str]]:
+    """Turn (source template, target template) rules into (regex, format string) pairs."""
     compiled = []
     for src, dst in rules:
         regex = re.escape(src).replace(r"\{\}", r"(\d+)").replace(r"\*", r"(\w+)")
@@ -102,11 +150,16 @@ def _compile(rules: list[tuple[str, str]]) -> list[tuple[re.Pattern, str]]:
     return compiled
 
 
+def _reverse(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(official, diffusers) for diffusers, official in rules]
+
+
 _DIT_TO_OFFICIAL = _compile(_DIT_RULES)
-_VAE_TO_OFFICIAL = _compile(_VAE_RULES)
+_VAE21_TO_OFFICIAL = _compile(_flatten(_vae21_modules()))
 
 
 def _rename(state_dict: dict, rules: list[tuple[re.Pattern, str]], what: str) -> dict:
+    """Rename every key by the first rule whose pattern matches it; ValueError (`what` + key) if none does."""
     out = {}
     for key, value in state_dict.items():
         for pattern, template in rules:
@@ -115,7 +168,7 @@ def _rename(state_dict: dict, rules: list[tuple[re.Pattern, str]], what: str) ->
                 out[template.format(*m.groups())] = value
                 break
         else:
-            raise ValueError(f"no official Wan {what} name for diffusers key {key!r}")
+            raise ValueError(f"no {what} for key {key!r}")
     return out
 
 
@@ -138,14 +191,31 @@ def dit_to_diffusers(state_dict: dict) -> dict:
 
 def dit_to_official(state_dict: dict) -> dict:
     """`WanTransformer3DModel` keys -> official Wan DiT keys; ValueError names a key with no rule."""
-    return _rename(state_dict, _DIT_TO_OFFICIAL, "DiT")
+    return _rename(state_dict, _DIT_TO_OFFICIAL, "official Wan DiT name")
 
 
-def vae_to_diffusers(state_dict: dict) -> dict:
-    """Official Wan2.1 VAE keys -> `AutoencoderKLWan` keys."""
-    return convert_wan_vae_to_diffusers(state_dict)
+def _check_version(version: str) -> None:
+    if version not in VAE_VERSIONS:
+        raise ValueError(f"unknown Wan VAE version {version!r}; expected one of {VAE_VERSIONS}")
 
 
-def vae_to_official(state_dict: dict) -> dict:
-    """`AutoencoderKLWan` keys -> official Wan2.1 VAE keys; ValueError names a key with no rule."""
-    return _rename(state_dict, _VAE_TO_OFFICIAL, "VAE")
+def vae_to_diffusers(state_dict: dict, version: str) -> dict:
+    """Official Wan VAE keys -> `AutoencoderKLWan` keys; `version` is "2.1" or "2.2" (WanTask.vae_version).
+
+    Wan2.1 goes through diffusers' converter; Wan2.2 through the rule tables (ValueError names a key
+    with no rule, e.g. a resampler at another index than right after its level's residual blocks).
+    """
+    _check_version(version)
+    if version == "2.1":
+        return convert_wan_vae_to_diffusers(dict(state_dict))
+    rules = _compile(_reverse(_flatten(_vae22_modules(_resnet_counts(state_dict, _VAE22_OFFICIAL_RESNET)))))
+    return _rename(state_dict, rules, "diffusers name of official Wan2.2 VAE")
+
+
+def vae_to_official(state_dict: dict, version: str) -> dict:
+    """`AutoencoderKLWan` keys -> official Wan VAE keys of `version`; ValueError names a key with no rule."""
+    _check_version(version)
+    if version == "2.1":
+        return _rename(state_dict, _VAE21_TO_OFFICIAL, "official Wan2.1 VAE name")
+    rules = _compile(_flatten(_vae22_modules(_resnet_counts(state_dict, _VAE22_DIFFUSERS_RESNET))))
+    return _rename(state_dict, rules, "official Wan2.2 VAE name")

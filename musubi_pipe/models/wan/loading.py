@@ -1,12 +1,13 @@
-"""Load Wan2.1 models from the files users have: the DiT, the VAE and the UMT5 text encoder.
+"""Load the Wan DiT (one expert) and VAE from the files users have; the text and image encoders are in t5.py/clip.py.
 
     dit = load_dit("wan2.1_t2v_1.3B_bf16.safetensors", get_task("t2v-1.3B"), "cuda", torch.bfloat16)
-    vae = load_vae("Wan2.1_VAE.pth", task, "cuda", torch.bfloat16)      # WanVAE: encode/decode
-    te = load_text_encoder(t5_dir, tokenizer_dir, task, "cuda", torch.bfloat16)  # WanTextEncoder
+    low = load_dit("Wan2.2-T2V-A14B/", task, "cuda", torch.bfloat16, expert="low_noise")
+    vae = load_vae("Wan2.1_VAE.pth", task, "cuda", torch.bfloat16, clip=clip)   # WanVAE
 
-Official checkpoints are converted with diffusers' own key converters (keymap.py) into diffusers
-models built from the task's config; diffusers folders go through `from_pretrained`. Every model is
-returned frozen in eval mode. Which kind of path was given is decided by family.locate_*.
+Official checkpoints (also ComfyUI-prefixed, sharded, fp16/bf16 or plain fp8_e4m3fn) are converted with
+the key maps in keymap.py into diffusers models built from the task's config; diffusers folders go
+through `from_pretrained`. The variant is checked before anything is built (locate.check_*), and
+every model is returned frozen in eval mode. Which files a path means is decided by locate.py.
 """
 
 from __future__ import annotations
@@ -16,71 +17,51 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, UMT5EncoderModel
 
 from musubi_pipe.errors import ConfigError
-from musubi_pipe.models.wan.locate import locate_dit, locate_t5, locate_tokenizer, locate_vae
+from musubi_pipe.models.files import safetensors_shapes
 from musubi_pipe.models.wan.keymap import dit_to_diffusers, strip_prefix, vae_to_diffusers
-from musubi_pipe.models.wan.tasks import TASKS, WanTask
+from musubi_pipe.models.wan.locate import (
+    check_dit_signature,
+    check_vae_variant,
+    dit_signature_from_config,
+    dit_signature_from_shapes,
+    locate_dit,
+    locate_vae,
+    reject_fp8_scaled,
+    vae_variant_from_config,
+    vae_variant_from_shapes,
+)
+from musubi_pipe.models.wan.tasks import WanTask
 
-
-def _tensor_shapes(files: tuple[Path, ...]) -> dict[str, tuple[int, ...]]:
-    """Read every tensor's shape without loading the data (a 14B checkpoint is 28 GB)."""
-    shapes = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            with safe_open(f, framework="pt") as handle:
-                shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
-        else:
-            shapes.update({k: tuple(v.shape) for k, v in _load_pt(f).items()})
-    return shapes
+# Mask channels in front of the first-frame latents of "image" conditioning: one per pixel frame of
+# a latent frame (the VAE's temporal stride), as diffusers' WanImageToVideoPipeline.prepare_latents.
+_MASK_CHANNELS = 4
 
 
 def _load_pt(path: Path) -> dict:
-    # mmap: tensors are read from disk only when used
+    # weights_only: no code runs from the file; mmap: tensors are read from disk only when used
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def _read_tensors(files: tuple[Path, ...]) -> dict:
+def _tensor_shapes(files) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape without loading the data (safetensors headers; .pth through mmap)."""
+    header = safetensors_shapes(files)
+    if header is not None:
+        return {name: shape for name, (_, shape) in header.items()}
+    shapes = {}
+    for f in files:
+        state = load_file(f) if f.suffix == ".safetensors" else _load_pt(f)
+        shapes.update({k: tuple(v.shape) for k, v in state.items()})
+    return shapes
+
+
+def _read_tensors(files) -> dict:
     state = {}
     for f in files:
         state.update(load_file(f) if f.suffix == ".safetensors" else _load_pt(f))
     return state
-
-
-def _describe(sig: dict) -> str:
-    return f"dim {sig['dim']}, {sig['layers']} layers, in {sig['in_channels']}, ffn {sig['ffn_dim']}"
-
-
-def _check_dit_signature(found: dict, task: WanTask, path: Path, key: str) -> None:
-    """Raise ConfigError naming the detected variant when a DiT's shapes do not match `task`."""
-    expected = task.dit_signature()
-    if found == expected:
-        return
-    detected = next((t.name for t in TASKS.values() if t.dit_signature() == found), None)
-    what = f"a {detected} checkpoint" if detected else "a Wan checkpoint of no supported task"
-    fix = f"set model.task={detected} or " if detected else ""
-    raise ConfigError([(key, (
-        f"{path} is {what} ({_describe(found)}) but model.task={task.name} expects {_describe(expected)}; "
-        f"{fix}point {key} at a {task.name} checkpoint"
-    ))])
-
-
-def _official_dit_signature(shapes: dict, path: Path, key: str) -> dict:
-    if "head.modulation" not in shapes:
-        message = f"{path} is not a Wan DiT checkpoint (no head.modulation tensor); point {key} at a Wan DiT file"
-        raise ConfigError([(key, message)])
-    out_channels, in_channels = shapes["patch_embedding.weight"][:2]
-    return {
-        "dim": out_channels,
-        "layers": len({k.split(".")[1] for k in shapes if k.startswith("blocks.")}),
-        "in_channels": in_channels,
-        "ffn_dim": shapes["blocks.0.ffn.0.weight"][0],
-        "image_dim": shapes["img_emb.proj.0.weight"][0] if "img_emb.proj.0.weight" in shapes else 0,
-    }
 
 
 def _mismatch(expected: dict, state: dict) -> str | None:
@@ -101,7 +82,8 @@ def _mismatch(expected: dict, state: dict) -> str | None:
 def _build(model_cls, task: WanTask, config: dict, state: dict, dtype, path: Path, key: str):
     """Build `model_cls(**config)` without allocating, then assign `state` (diffusers keys) into it.
 
-    Like `from_pretrained`, modules listed in `_keep_in_fp32_modules` stay float32.
+    Every floating tensor is cast to `dtype` (which also upcasts fp8_e4m3fn files); like
+    `from_pretrained`, modules listed in `_keep_in_fp32_modules` become float32.
     """
     with init_empty_weights():
         model = model_cls(**config)
@@ -118,27 +100,23 @@ def _build(model_cls, task: WanTask, config: dict, state: dict, dtype, path: Pat
     return model
 
 
-def load_dit(path, task: WanTask, device, dtype, key: str = "model.dit") -> WanTransformer3DModel:
-    """Load a frozen `WanTransformer3DModel` from an official file/shard set or a diffusers folder.
+def load_dit(value, task: WanTask, device, dtype, key: str = "model.dit", expert: str = "") -> WanTransformer3DModel:
+    """Load one frozen `WanTransformer3DModel` (the DiT, or the Wan2.2 `expert` "high_noise"/"low_noise").
 
-    The weights' shapes are checked against `task` before anything is built. The task is kept on the
-    model as `_wan_task` (WanFamily.predict pads text to its text_len).
+    `value` is an official file/shard set (ComfyUI prefixes, fp16/bf16/fp8_e4m3fn), an official Wan-AI
+    folder, a diffusers folder or a pipeline root (locate.locate_dit). The variant is checked before
+    anything is built; ComfyUI fp8_scaled files are refused. The task is kept on the model as
+    `_wan_task` (WanFamily.predict pads text to its text_len).
     """
-    source = locate_dit(path, key)
+    source = locate_dit(value, key, expert)
     if source.kind == "pretrained":
         config = WanTransformer3DModel.load_config(source.path)
-        found = {
-            "dim": config["num_attention_heads"] * config["attention_head_dim"],
-            "layers": config["num_layers"],
-            "in_channels": config["in_channels"],
-            "ffn_dim": config["ffn_dim"],
-            "image_dim": config.get("image_dim") or 0,
-        }
-        _check_dit_signature(found, task, source.path, key)
+        check_dit_signature(dit_signature_from_config(config), task, source.path, key)
         model = WanTransformer3DModel.from_pretrained(source.path, torch_dtype=dtype)
     else:
         shapes = strip_prefix(_tensor_shapes(source.files))
-        _check_dit_signature(_official_dit_signature(shapes, source.path, key), task, source.path, key)
+        reject_fp8_scaled(shapes, source.path, key)
+        check_dit_signature(dit_signature_from_shapes(shapes), task, source.path, key)
         state = dit_to_diffusers(_read_tensors(source.files))
         model = _build(WanTransformer3DModel, task, task.dit_config, state, dtype, source.path, key)
     model = model.to(device).eval().requires_grad_(False)
@@ -147,14 +125,19 @@ def load_dit(path, task: WanTask, device, dtype, key: str = "model.dit") -> WanT
 
 
 class WanVAE:
-    """A frozen Wan2.1 VAE working on normalized latents (the diffusers WanPipeline convention).
+    """A frozen Wan2.1 or Wan2.2 VAE on normalized latents (the diffusers WanPipeline convention), plus the
+    task's conditioning inputs for caching (`encode_item`) and sampling (`encode_condition`).
 
     encode: pixels [B, 3, F, H, W] in [-1, 1], F = 4n + 1 -> (posterior mode - latents_mean) / latents_std,
-    shape [B, 16, n + 1, H / 8, W / 8]. decode inverts that and returns pixels clamped to [-1, 1].
+    shape [B, C, n + 1, H / s, W / s] with C, s = 16, 8 (Wan2.1) or 48, 16 (Wan2.2, whose VAE patchifies
+    2x2 itself). decode inverts that and returns pixels clamped to [-1, 1]. `clip` is the Wan2.1 I2V
+    image encoder (clip.WanCLIP) or None.
     """
 
-    def __init__(self, vae: AutoencoderKLWan):
+    def __init__(self, vae: AutoencoderKLWan, task: WanTask, clip=None):
         self.vae = vae
+        self.task = task
+        self.clip = clip
         self.latent_channels = vae.config.z_dim
         shape = (1, self.latent_channels, 1, 1, 1)
         self._mean = torch.tensor(vae.config.latents_mean).view(shape)
@@ -179,55 +162,78 @@ class WanVAE:
         latents = latents * self._std.to(latents) + self._mean.to(latents)
         return self.vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
 
-
-def load_vae(path, task: WanTask, device, dtype, key: str = "model.vae") -> WanVAE:
-    """Load the Wan2.1 VAE from an official .pth/.safetensors file or a diffusers folder."""
-    source = locate_vae(path, key)
-    if source.kind == "pretrained":
-        vae = AutoencoderKLWan.from_pretrained(source.path, torch_dtype=dtype)
-    else:
-        state = vae_to_diffusers(_read_tensors(source.files))
-        vae = _build(AutoencoderKLWan, task, task.vae_config, state, dtype, source.path, key)
-    return WanVAE(vae.to(device).eval().requires_grad_(False))
-
-
-class WanTextEncoder:
-    """UMT5 encoder + tokenizer; `encode` returns one [L_i, D] tensor per text, L_i = its real token count."""
-
-    def __init__(self, tokenizer, model: UMT5EncoderModel, text_len: int):
-        self.tokenizer = tokenizer
-        self.model = model
-        self.text_len = text_len
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
+    def _float(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, torch.float32)
 
     @torch.no_grad()
-    def encode(self, texts) -> list[torch.Tensor]:
-        # same tokenization and trimming as diffusers' WanPipeline._get_t5_prompt_embeds
-        batch = self.tokenizer(
-            [prompt_clean(t) for t in texts],
-            padding="max_length",
-            max_length=self.text_len,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        mask = batch.attention_mask.to(self.device)
-        hidden = self.model(input_ids=batch.input_ids.to(self.device), attention_mask=mask).last_hidden_state
-        # clone: a slice would keep the whole padded batch alive and share storage between items
-        return [h[:n].clone() for h, n in zip(hidden, mask.sum(dim=1).tolist())]
+    def _image_latents(self, first: torch.Tensor, frames: int) -> torch.Tensor:
+        """The "image" condition for a `frames`-long video starting at `first` [1, 3, 1, H, W]:
+        [mask (4 channels, 1 on latent frame 0, else 0), latents of (first, zeros...)], [1, 4 + C, F', H', W'].
+
+        Equal to what diffusers' WanImageToVideoPipeline.prepare_latents builds for a first-frame condition.
+        """
+        zeros = first.new_zeros(first.shape[0], first.shape[1], frames - 1, *first.shape[3:])
+        latents = self._float(self.encode(torch.cat([first, zeros], dim=2)))
+        mask = torch.zeros(latents.shape[0], _MASK_CHANNELS, *latents.shape[2:], device=latents.device)
+        mask[:, :, 0] = 1
+        return torch.cat([mask, latents], dim=1)
+
+    @torch.no_grad()
+    def _clip(self, first: torch.Tensor) -> torch.Tensor:
+        """CLIP tokens of the first frame [1, 3, 1, H, W] -> [1, tokens, hidden]."""
+        return self._float(self.clip.encode(first[:, :, 0].to(self.clip.device, self.clip.dtype)))
+
+    @torch.no_grad()
+    def encode_item(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything cached for one training item, pixels [1, 3, F, H, W] in [-1, 1] (F = 4n + 1; 1 for images).
+
+        "latents" always; "image" tasks add "latents_image" (see `_image_latents`) and, with a CLIP,
+        "clip" of the first frame. "first_frame" tasks (TI2V) need nothing more: the trainer uses
+        latents[:, :, :1]. Float32 on the VAE's device.
+        """
+        out = {"latents": self._float(self.encode(pixels))}
+        if self.task.conditioning == "image":
+            first = pixels[:, :, :1]
+            out["latents_image"] = self._image_latents(first, pixels.shape[2])
+            if self.clip is not None:
+                out["clip"] = self._clip(first)
+        return out
+
+    @torch.no_grad()
+    def encode_condition(self, image: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:
+        """Sampling inputs from the start image [1, 3, 1, H, W] in [-1, 1] for a `frames`-long video.
+
+        "image" -> {"latents_image", "clip" (with a CLIP)}; "first_frame" -> {"first_frame": normalized
+        latents of the image alone, [1, C, 1, H', W']}; "none" -> {}. Float32 on the VAE's device.
+        """
+        kind = self.task.conditioning
+        if kind == "image":
+            out = {"latents_image": self._image_latents(image, frames)}
+            if self.clip is not None:
+                out["clip"] = self._clip(image)
+            return out
+        if kind == "first_frame":
+            return {"first_frame": self._float(self.encode(image))}
+        return {}
 
 
-def load_text_encoder(t5_path, tokenizer_path, task: WanTask, device, dtype) -> WanTextEncoder:
-    """Load a transformers UMT5 encoder folder and its tokenizer (folders or a pipeline root)."""
-    t5 = locate_t5(t5_path)
-    tokenizer = AutoTokenizer.from_pretrained(locate_tokenizer(tokenizer_path).path)
-    model = UMT5EncoderModel.from_pretrained(t5.path, dtype=dtype)
-    return WanTextEncoder(tokenizer, model.to(device).eval().requires_grad_(False), task.text_len)
+def load_vae(value, task: WanTask, device, dtype, key: str = "model.vae", clip=None) -> WanVAE:
+    """Load the VAE `task` needs (Wan2.1 or Wan2.2, task.vae_version) from an official .pth/.safetensors
+    file or a diffusers folder, checking the variant first; `clip` (clip.WanCLIP) rides along for
+    tasks with a CLIP image encoder."""
+    source = locate_vae(value, key)
+    if source.kind == "pretrained":
+        config = AutoencoderKLWan.load_config(source.path)
+        check_vae_variant(vae_variant_from_config(config), task, source.path, key)
+        vae = AutoencoderKLWan.from_pretrained(source.path, torch_dtype=dtype)
+    else:
+        state = _read_tensors(source.files)
+        found = vae_variant_from_shapes({k: tuple(v.shape) for k, v in state.items()})
+        check_vae_variant(found, task, source.path, key)
+        try:
+            state = vae_to_diffusers(state, task.vae_version)
+        except ValueError as e:
+            message = f"{source.path} is not a Wan{task.vae_version} VAE file ({e}); point {key} at one"
+            raise ConfigError([(key, message)]) from e
+        vae = _build(AutoencoderKLWan, task, task.vae_config, state, dtype, source.path, key)
+    return WanVAE(vae.to(device).eval().requires_grad_(False), task, clip)
