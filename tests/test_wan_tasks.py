@@ -202,3 +202,23 @@ def test_validation_names_task_specific_problems(demo, tmp_path):
     with pytest.raises(ConfigError) as err:
         demo("model=wan_tiny", f"sampling.image={_image(demo)}")
     assert "takes no image" in str(err.value)
+
+
+def test_real_recipe_names_every_file_of_another_variant(demo, models_dir):
+    """The wan22_t2v recipe given the tiny twin's files fails at validation, naming each key and both variants."""
+    from musubi_pipe.config import compose
+    from musubi_pipe.config.validate import validate
+    from musubi_pipe.runner import resolve
+
+    paths = get_family("wan").build_tiny(models_dir / "wan_tiny", "tiny-t2v-A14B")
+    images = demo.root / "images"
+    images.mkdir()
+    cfg = resolve(compose(["+recipe=wan22_t2v", f"paths.root={demo.root}",
+                           *[f"model.{key}={path}" for key, path in paths.items()],
+                           f"dataset.datasets=[{{image_directory:{images}}}]"]))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    problems = dict(err.value.problems)
+    assert set(problems) == {"model.dit", "model.dit_high_noise", "model.vae", "model.t5"}
+    assert "tiny-t2v-A14B" in problems["model.dit"] and "model.task=t2v-A14B" in problems["model.dit"]
+    assert "dim 128" in problems["model.dit_high_noise"] and "5120" in problems["model.dit_high_noise"]

@@ -25,17 +25,18 @@ import re
 from pathlib import Path
 
 from musubi_pipe.errors import ConfigError
-from musubi_pipe.models.files import Source, existing, folder_files, state_dict_file, subfolder
-from musubi_pipe.models.wan.t5 import (
+from musubi_pipe.models.files import Source
+from musubi_pipe.models.statedict import (
     assign_state,
     cast_state,
     compile_rules,
     empty_model,
-    header_shapes,
     match_rule,
-    read_config,
     read_state_dict,
+    reverse_rules,
+    state_shapes,
 )
+from musubi_pipe.models.wan.locate import EncoderSpec, FrozenEncoder
 from musubi_pipe.models.wan.tasks import WanTask
 
 OFFICIAL_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -63,7 +64,7 @@ _LEADING_ONES = {"visual.cls_embedding": 2, "visual.pos_embedding": 1}
 _QKV_OFFICIAL = "visual.transformer.{}.attn.to_qkv.*"
 _QKV_PARTS = [f"encoder.layers.{{}}.self_attn.{p}_proj.*" for p in "qkv"]
 
-_TO_TRANSFORMERS = compile_rules([(o, t) for t, o in _CLIP_RULES])
+_TO_TRANSFORMERS = compile_rules(reverse_rules(_CLIP_RULES))
 _TO_OFFICIAL = compile_rules(_CLIP_RULES)
 _QKV_SPLIT = compile_rules([(_QKV_OFFICIAL, part) for part in _QKV_PARTS])  # one pattern, three targets
 _QKV_PATTERN = _QKV_SPLIT[0][0]
@@ -74,11 +75,19 @@ _OFFICIAL_IGNORED_PREFIX = "textual."
 # transformers-file entries beyond CLIPVisionModel: the projection head and an old position-id buffer
 _TRANSFORMERS_PREFIX = "vision_model."
 _TRANSFORMERS_IGNORED = ("visual_projection.weight", "embeddings.position_ids")
-# layout -> (patch embedding [D, 3, p, p], block index pattern), for shape checks
-_CLIP_SIGNATURE = {
-    "official": ("visual.patch_embedding.weight", re.compile(r"visual\.transformer\.(\d+)\.")),
-    "transformers_file": ("embeddings.patch_embedding.weight", re.compile(r"encoder\.layers\.(\d+)\.")),
-}
+_CLIP = EncoderSpec(
+    name="CLIP vision", hint=_CLIP_HINT, official_file=OFFICIAL_CLIP_FILE, subfolder="image_encoder",
+    task_config="clip_config", width="hidden_size", width_label="hidden size", layers="num_hidden_layers",
+    # the hidden size is axis 0 of the patch embedding [D, 3, p, p]; transformers files may nest the tower
+    signatures={
+        "official": (("visual.patch_embedding.weight",), 0, re.compile(r"visual\.transformer\.(\d+)\.")),
+        "transformers_file": (
+            ("embeddings.patch_embedding.weight", _TRANSFORMERS_PREFIX + "embeddings.patch_embedding.weight"),
+            0, re.compile(r"(?:vision_model\.)?encoder\.layers\.(\d+)\."),
+        ),
+    },
+    mismatch_fix="point {key} at {hint}",
+)
 
 
 # -- locating and checking (torch-free) -------------------------------------------------------------
@@ -88,24 +97,7 @@ def locate_clip(value, key: str = "model.clip") -> Source:
     Raises ConfigError on `key` for a missing path, a file that is no CLIP vision tower, or a folder
     without a CLIP vision config.json.
     """
-    path = existing(value, key, _CLIP_HINT)
-    if path.is_dir():
-        return _locate_clip_folder(path, key)
-    state_dict_file(path, key, _CLIP_HINT)
-    shapes = header_shapes(path, key, _CLIP_HINT)
-    kind = "official" if shapes is None else clip_layout(shapes, path, key)
-    return Source(kind, path, (path,))
-
-
-def _locate_clip_folder(path: Path, key: str) -> Source:
-    folder = subfolder(path, "image_encoder")
-    if (folder / OFFICIAL_CLIP_FILE).is_file():  # the root of an official Wan-AI I2V download
-        return Source("official", folder / OFFICIAL_CLIP_FILE, (folder / OFFICIAL_CLIP_FILE,))
-    if not {"hidden_size", "num_hidden_layers"} <= read_config(folder).keys():
-        message = (f"{folder} has no CLIP vision config.json (with hidden_size and num_hidden_layers); "
-                   f"set {key}=<{_CLIP_HINT}>")
-        raise ConfigError([(key, message)])
-    return Source("pretrained", folder, folder_files(folder))
+    return _CLIP.locate(value, key, clip_layout)
 
 
 def clip_layout(names, path: Path, key: str) -> str:
@@ -118,43 +110,14 @@ def clip_layout(names, path: Path, key: str) -> str:
     raise ConfigError([(key, message)])
 
 
-def check_clip(value, task: WanTask, key: str = "model.clip") -> None:
-    """Raise ConfigError when `model.clip` does not fit `task.clip_config` (hidden size, layers).
+def check_clip(value, task: WanTask, key: str = "model.clip") -> Source:
+    """Raise ConfigError when `model.clip` does not fit `task.clip_config` (hidden size, layers); return its Source.
 
     Torch-free: reads safetensors headers or config.json; a .pth is checked by the loader instead.
     """
     if not task.clip_config:
         raise ConfigError([(key, f"is set but model.task={task.name} uses no CLIP image encoder; remove it")])
-    source = locate_clip(value, key)
-    if source.kind == "pretrained":
-        config = read_config(source.path)
-        found = {"hidden_size": config["hidden_size"], "num_hidden_layers": config["num_hidden_layers"]}
-    else:
-        shapes = header_shapes(source.path, key, _CLIP_HINT)
-        if shapes is None:
-            return
-        found = _clip_signature({k: s for k, (_, s) in shapes.items()}, source.kind)
-    _check_clip_signature(found, task, source.path, key)
-
-
-def _clip_signature(shapes: dict, kind: str) -> dict:
-    if kind == "transformers_file":
-        shapes = _vision_state(shapes)
-    patch, block = _CLIP_SIGNATURE[kind]
-    return {
-        "hidden_size": tuple(shapes[patch])[0],
-        "num_hidden_layers": len({m[1] for name in shapes if (m := block.match(name))}),
-    }
-
-
-def _check_clip_signature(found: dict, task: WanTask, path: Path, key: str) -> None:
-    expected = {name: task.clip_config[name] for name in ("hidden_size", "num_hidden_layers")}
-    if found != expected:
-        raise ConfigError([(key, (
-            f"{path} is a CLIP vision encoder with hidden size {found['hidden_size']} and "
-            f"{found['num_hidden_layers']} layers, but model.task={task.name} expects hidden size "
-            f"{expected['hidden_size']} and {expected['num_hidden_layers']} layers; point {key} at {_CLIP_HINT}"
-        ))])
+    return _CLIP.check(locate_clip(value, key), task, key)
 
 
 # -- key maps ------------------------------------------------------------------------------------------
@@ -216,20 +179,12 @@ def clip_to_official(state: dict, projection=None, projection_dim: int = 1024) -
 
 
 # -- the encoder ---------------------------------------------------------------------------------------
-class WanCLIP:
+class WanCLIP(FrozenEncoder):
     """A frozen CLIP vision tower; `encode` maps frames to the image tokens Wan2.1 I2V cross-attends to."""
 
     def __init__(self, model):
-        self.model = model
+        super().__init__(model)
         self.image_size = model.config.image_size
-
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    @property
-    def device(self):
-        return self.model.device
 
     def encode(self, pixels):
         """pixels [B, 3, H, W] in [-1, 1], any size -> [B, (image_size / patch)^2 + 1, hidden].
@@ -256,9 +211,8 @@ def load_clip(value, task: WanTask, device, dtype, key: str = "model.clip") -> W
     """
     from transformers import CLIPVisionModel
 
-    source = locate_clip(value, key)
+    source = check_clip(value, task, key)
     if source.kind == "pretrained":
-        check_clip(value, task, key)
         model = CLIPVisionModel.from_pretrained(source.path, dtype=dtype)
     else:
         model = _load_clip_file(source.path, task, dtype, key)
@@ -269,9 +223,9 @@ def _load_clip_file(path: Path, task: WanTask, dtype, key: str):
     """Build `CLIPVisionModel` from task.clip_config and assign an official or transformers-named file."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    raw = read_state_dict(path, key)
+    raw = read_state_dict([path], key)
     kind = clip_layout(raw.keys(), path, key)  # a .pth may hold either layout
-    _check_clip_signature(_clip_signature({k: tuple(v.shape) for k, v in raw.items()}, kind), task, path, key)
+    _CLIP.check_signature(_CLIP.signature(state_shapes(raw), kind), task, path, key)
     try:
         state = _vision_state(raw) if kind == "transformers_file" else clip_to_transformers(raw)
     except ValueError as e:

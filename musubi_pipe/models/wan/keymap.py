@@ -21,7 +21,9 @@ from diffusers.loaders.single_file_utils import (
     convert_wan_vae_to_diffusers,
 )
 
+from musubi_pipe.models.statedict import compile_rules, rename_keys, reverse_rules
 from musubi_pipe.models.wan.locate import OFFICIAL_PREFIXES  # ComfyUI `model.diffusion_model.*` etc.
+from musubi_pipe.models.wan.locate import strip_dit_prefix as strip_prefix
 from musubi_pipe.models.wan.names import BLOCK_LINEARS
 
 __all__ = ["OFFICIAL_PREFIXES", "dit_to_diffusers", "dit_to_official", "strip_prefix", "vae_to_diffusers",
@@ -141,47 +143,8 @@ def _flatten(modules: VaeModules) -> list[tuple[str, str]]:
     return [(f"{d}.{ds}", f"{o}.{os_}") for d, o, subs in modules for ds, os_ in subs]
 
 
-def _compile(rules: list[tuple[str, str]]) -> list[tuple[re.Pattern, str]]:
-    """Turn (source template, target template) rules into (regex, format string) pairs."""
-    compiled = []
-    for src, dst in rules:
-        regex = re.escape(src).replace(r"\{\}", r"(\d+)").replace(r"\*", r"(\w+)")
-        compiled.append((re.compile(regex), dst.replace("*", "{}")))
-    return compiled
-
-
-def _reverse(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(official, diffusers) for diffusers, official in rules]
-
-
-_DIT_TO_OFFICIAL = _compile(_DIT_RULES)
-_VAE21_TO_OFFICIAL = _compile(_flatten(_vae21_modules()))
-
-
-def _rename(state_dict: dict, rules: list[tuple[re.Pattern, str]], what: str) -> dict:
-    """Rename every key by the first rule whose pattern matches it; ValueError (`what` + key) if none does."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, template in rules:
-            m = pattern.fullmatch(key)
-            if m:
-                out[template.format(*m.groups())] = value
-                break
-        else:
-            raise ValueError(f"no {what} for key {key!r}")
-    return out
-
-
-def strip_prefix(state_dict: dict) -> dict:
-    """Drop a ComfyUI-style `model.diffusion_model.` / `diffusion_model.` prefix from each key."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in OFFICIAL_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        out[key] = value
-    return out
+_DIT_TO_OFFICIAL = compile_rules(_DIT_RULES)
+_VAE21_TO_OFFICIAL = compile_rules(_flatten(_vae21_modules()))
 
 
 def dit_to_diffusers(state_dict: dict) -> dict:
@@ -191,7 +154,7 @@ def dit_to_diffusers(state_dict: dict) -> dict:
 
 def dit_to_official(state_dict: dict) -> dict:
     """`WanTransformer3DModel` keys -> official Wan DiT keys; ValueError names a key with no rule."""
-    return _rename(state_dict, _DIT_TO_OFFICIAL, "official Wan DiT name")
+    return rename_keys(state_dict, _DIT_TO_OFFICIAL, "official Wan DiT name for diffusers")
 
 
 def _check_version(version: str) -> None:
@@ -208,14 +171,14 @@ def vae_to_diffusers(state_dict: dict, version: str) -> dict:
     _check_version(version)
     if version == "2.1":
         return convert_wan_vae_to_diffusers(dict(state_dict))
-    rules = _compile(_reverse(_flatten(_vae22_modules(_resnet_counts(state_dict, _VAE22_OFFICIAL_RESNET)))))
-    return _rename(state_dict, rules, "diffusers name of official Wan2.2 VAE")
+    rules = compile_rules(reverse_rules(_flatten(_vae22_modules(_resnet_counts(state_dict, _VAE22_OFFICIAL_RESNET)))))
+    return rename_keys(state_dict, rules, "diffusers name for official Wan2.2 VAE")
 
 
 def vae_to_official(state_dict: dict, version: str) -> dict:
     """`AutoencoderKLWan` keys -> official Wan VAE keys of `version`; ValueError names a key with no rule."""
     _check_version(version)
     if version == "2.1":
-        return _rename(state_dict, _VAE21_TO_OFFICIAL, "official Wan2.1 VAE name")
-    rules = _compile(_flatten(_vae22_modules(_resnet_counts(state_dict, _VAE22_DIFFUSERS_RESNET))))
-    return _rename(state_dict, rules, "official Wan2.2 VAE name")
+        return rename_keys(state_dict, _VAE21_TO_OFFICIAL, "official Wan2.1 VAE name for diffusers")
+    rules = compile_rules(_flatten(_vae22_modules(_resnet_counts(state_dict, _VAE22_DIFFUSERS_RESNET))))
+    return rename_keys(state_dict, rules, "official Wan2.2 VAE name for diffusers")

@@ -15,22 +15,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
-from safetensors.torch import load_file
 
 from musubi_pipe.errors import ConfigError
-from musubi_pipe.models.files import safetensors_shapes
-from musubi_pipe.models.wan.keymap import dit_to_diffusers, strip_prefix, vae_to_diffusers
+from musubi_pipe.models.statedict import assign_state, cast_state, empty_model, read_state_dict, state_shapes
+from musubi_pipe.models.wan.keymap import dit_to_diffusers, vae_to_diffusers
 from musubi_pipe.models.wan.locate import (
+    check_dit,
     check_dit_signature,
+    check_vae,
     check_vae_variant,
-    dit_signature_from_config,
-    dit_signature_from_shapes,
-    locate_dit,
-    locate_vae,
-    reject_fp8_scaled,
-    vae_variant_from_config,
+    dit_file_signature,
     vae_variant_from_shapes,
 )
 from musubi_pipe.models.wan.tasks import WanTask
@@ -40,63 +35,12 @@ from musubi_pipe.models.wan.tasks import WanTask
 _MASK_CHANNELS = 4
 
 
-def _load_pt(path: Path) -> dict:
-    # weights_only: no code runs from the file; mmap: tensors are read from disk only when used
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
-def _tensor_shapes(files) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape without loading the data (safetensors headers; .pth through mmap)."""
-    header = safetensors_shapes(files)
-    if header is not None:
-        return {name: shape for name, (_, shape) in header.items()}
-    shapes = {}
-    for f in files:
-        state = load_file(f) if f.suffix == ".safetensors" else _load_pt(f)
-        shapes.update({k: tuple(v.shape) for k, v in state.items()})
-    return shapes
-
-
-def _read_tensors(files) -> dict:
-    state = {}
-    for f in files:
-        state.update(load_file(f) if f.suffix == ".safetensors" else _load_pt(f))
-    return state
-
-
-def _mismatch(expected: dict, state: dict) -> str | None:
-    """Summarize how `state` differs from the model's `expected` keys and shapes (None if it fits)."""
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
-    problems = [f"{len(missing)} missing tensors (e.g. {missing[0]})"] if missing else []
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-    if reshaped:
-        k = reshaped[0]
-        example = f"{k}: file {list(state[k].shape)}, model {list(expected[k].shape)}"
-        problems.append(f"{len(reshaped)} tensors of other shapes (e.g. {example})")
-    return "; ".join(problems) or None
-
-
 def _build(model_cls, task: WanTask, config: dict, state: dict, dtype, path: Path, key: str):
-    """Build `model_cls(**config)` without allocating, then assign `state` (diffusers keys) into it.
-
-    Every floating tensor is cast to `dtype` (which also upcasts fp8_e4m3fn files); like
-    `from_pretrained`, modules listed in `_keep_in_fp32_modules` become float32.
-    """
-    with init_empty_weights():
-        model = model_cls(**config)
-    problem = _mismatch(model.state_dict(), state)
-    if problem:
-        fix = f"point {key} at a {task.name} file or change model.task"
-        raise ConfigError([(key, f"{path} does not fit model.task={task.name}: {problem}; {fix}")])
-    keep_fp32 = model_cls._keep_in_fp32_modules or []
-    state = {
-        k: v.to(torch.float32 if any(m in k.split(".") for m in keep_fp32) else dtype) if v.is_floating_point() else v
-        for k, v in state.items()
-    }
-    model.load_state_dict(state, strict=True, assign=True)
+    """Build `model_cls(**config)` without allocating and assign `state` (diffusers keys) cast to `dtype`
+    (which also upcasts fp8_e4m3fn files; `_keep_in_fp32_modules` stay float32, as in `from_pretrained`)."""
+    model = empty_model(lambda: model_cls(**config))
+    fix = f"point {key} at a {task.name} file or change model.task"
+    assign_state(model, cast_state(model, state, dtype), path, key, fix, f"model.task={task.name}")
     return model
 
 
@@ -108,16 +52,14 @@ def load_dit(value, task: WanTask, device, dtype, key: str = "model.dit", expert
     anything is built; ComfyUI fp8_scaled files are refused. The task is kept on the model as
     `_wan_task` (WanFamily.predict pads text to its text_len).
     """
-    source = locate_dit(value, key, expert)
+    source = check_dit(value, task, key, expert)  # config.json or safetensors headers
     if source.kind == "pretrained":
-        config = WanTransformer3DModel.load_config(source.path)
-        check_dit_signature(dit_signature_from_config(config), task, source.path, key)
         model = WanTransformer3DModel.from_pretrained(source.path, torch_dtype=dtype)
     else:
-        shapes = strip_prefix(_tensor_shapes(source.files))
-        reject_fp8_scaled(shapes, source.path, key)
-        check_dit_signature(dit_signature_from_shapes(shapes), task, source.path, key)
-        state = dit_to_diffusers(_read_tensors(source.files))
+        state = read_state_dict(source.files, key)
+        # again on the tensors: a .pth has no header to check before reading
+        check_dit_signature(dit_file_signature(state_shapes(state), source.path, key), task, source.path, key)
+        state = dit_to_diffusers(state)
         model = _build(WanTransformer3DModel, task, task.dit_config, state, dtype, source.path, key)
     model = model.to(device).eval().requires_grad_(False)
     model._wan_task = task
@@ -221,15 +163,12 @@ def load_vae(value, task: WanTask, device, dtype, key: str = "model.vae", clip=N
     """Load the VAE `task` needs (Wan2.1 or Wan2.2, task.vae_version) from an official .pth/.safetensors
     file or a diffusers folder, checking the variant first; `clip` (clip.WanCLIP) rides along for
     tasks with a CLIP image encoder."""
-    source = locate_vae(value, key)
+    source = check_vae(value, task, key)  # config.json or safetensors headers
     if source.kind == "pretrained":
-        config = AutoencoderKLWan.load_config(source.path)
-        check_vae_variant(vae_variant_from_config(config), task, source.path, key)
         vae = AutoencoderKLWan.from_pretrained(source.path, torch_dtype=dtype)
     else:
-        state = _read_tensors(source.files)
-        found = vae_variant_from_shapes({k: tuple(v.shape) for k, v in state.items()})
-        check_vae_variant(found, task, source.path, key)
+        state = read_state_dict(source.files, key)
+        check_vae_variant(vae_variant_from_shapes(state_shapes(state)), task, source.path, key)  # as for the DiT
         try:
             state = vae_to_diffusers(state, task.vae_version)
         except ValueError as e:

@@ -6,6 +6,8 @@ diffusers pipeline root) into a `Source`; they are shared by the family's config
 `check_dit`/`check_vae` also read the variant from safetensors headers or config.json (milliseconds
 for a 28 GB checkpoint) and raise ConfigError naming the key, the file, what it is and the fix.
 `.pth` files cannot be read without torch; the loaders check them with the same functions.
+`EncoderSpec` holds the same locating and checking for the single-file text and image encoders
+(t5.py, clip.py), and `FrozenEncoder` is the base of their loaded wrappers.
 
 Wan2.2 A14B has two DiT experts. `expert` picks one inside a downloaded folder:
 
@@ -18,18 +20,13 @@ Wan2.2 A14B has two DiT experts. `expert` picks one inside a downloaded folder:
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from musubi_pipe.errors import ConfigError
-from musubi_pipe.models.files import (
-    Source,
-    existing,
-    folder_files,
-    safetensors_shapes,
-    shard_set,
-    state_dict_file,
-    subfolder,
-)
+from musubi_pipe.models.files import Source, existing, folder_files, shard_set, state_dict_file, subfolder
+from musubi_pipe.models.statedict import header_shapes
 from musubi_pipe.models.wan.tasks import TASKS, WanTask
 
 # the key prefixes ComfyUI (`model.diffusion_model.`) and some repacks (`diffusion_model.`) put before
@@ -116,7 +113,7 @@ def locate_dit(value, key: str = "model.dit", expert: str = "") -> Source:
         message = f"{folder} needs config.json and diffusion_pytorch_model*.safetensors; set {key}=<{hint}>"
         raise ConfigError([(key, message)])
     # The official Wan-AI repos ship official-key safetensors next to a config.json of class "WanModel".
-    if _read_json(config, key).get("_class_name") != "WanTransformer3DModel":
+    if read_config(folder, key).get("_class_name") != "WanTransformer3DModel":
         files = tuple(sorted({shard for w in weights for shard in shard_set(w, key)}))
         return Source("official", folder, files)
     return Source("pretrained", folder, folder_files(folder))
@@ -137,19 +134,34 @@ def locate_vae(value, key: str = "model.vae") -> Source:
     return Source("pretrained", folder, folder_files(folder))
 
 
-def _read_json(path: Path, key: str) -> dict:
+def read_config(folder: Path, key: str) -> dict:
+    """Return `folder/config.json` as a dict ({} when there is none); ConfigError on `key` if it is not JSON."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError([(key, f"{path} is not readable JSON ({e}); re-download it")]) from e
 
 
-def _header_shapes(source: Source, key: str) -> dict[str, tuple[str, tuple[int, ...]]] | None:
-    """{name: (dtype, shape)} from the safetensors headers of `source` (None for .pth files)."""
-    try:
-        return safetensors_shapes(source.files)
-    except ValueError as e:
-        raise ConfigError([(key, f"{e}; re-download it")]) from e
+def check_source(source: Source, task: WanTask, key: str, from_config, from_shapes, check,
+                 fix: str = "re-download it") -> Source:
+    """Check a located model part against `task` without torch and return `source`.
+
+    Calls `check(found, task, source.path, key)` with found = `from_config(config.json)` for a
+    pretrained folder, else `from_shapes({name: shape})` from the safetensors headers (ConfigError
+    ending in `fix` if they are unreadable). .pt/.pth files are left to the loaders.
+    """
+    if source.kind == "pretrained":
+        found = from_config(read_config(source.path, key))
+    else:
+        shapes = header_shapes(source.files, key, fix)
+        if shapes is None:
+            return source
+        found = from_shapes(shapes)
+    check(found, task, source.path, key)
+    return source
 
 
 # --- the DiT variant ------------------------------------------------------------------------------
@@ -176,6 +188,13 @@ def reject_fp8_scaled(names, path: Path, key: str) -> None:
             f"{path} is a ComfyUI fp8_scaled checkpoint (scaled_fp8 / .scale_weight tensors), which is not "
             f"supported; point {key} at the bf16/fp16 file or a plain fp8_e4m3fn file (e.g. *_fp8_e4m3fn.safetensors)"
         ))])
+
+
+def dit_file_signature(shapes: dict[str, tuple[int, ...]], path: Path, key: str) -> dict[str, int] | None:
+    """`dit_signature_from_shapes` of a DiT file's tensors (ComfyUI prefixes allowed); fp8_scaled files are refused."""
+    shapes = strip_dit_prefix(shapes)
+    reject_fp8_scaled(shapes, path, key)
+    return dit_signature_from_shapes(shapes)
 
 
 def dit_signature_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int] | None:
@@ -256,16 +275,8 @@ def check_dit(value, task: WanTask, key: str = "model.dit", expert: str = "") ->
     Also rejects ComfyUI fp8_scaled files. Returns the Source.
     """
     source = locate_dit(value, key, expert)
-    if source.kind == "pretrained":
-        config = _read_json(source.path / "config.json", key)
-        check_dit_signature(dit_signature_from_config(config), task, source.path, key)
-        return source
-    header = _header_shapes(source, key)
-    if header is not None:
-        shapes = strip_dit_prefix({name: shape for name, (_, shape) in header.items()})
-        reject_fp8_scaled(shapes, source.path, key)
-        check_dit_signature(dit_signature_from_shapes(shapes), task, source.path, key)
-    return source
+    return check_source(source, task, key, dit_signature_from_config,
+                        lambda shapes: dit_file_signature(shapes, source.path, key), check_dit_signature)
 
 
 # --- the VAE variant ------------------------------------------------------------------------------
@@ -317,12 +328,91 @@ def check_vae_variant(found: dict[str, int] | None, task: WanTask, path: Path, k
 
 def check_vae(value, task: WanTask, key: str = "model.vae") -> Source:
     """Locate the VAE and check from headers/config.json that it is the one `task` needs (.pth: loader checks)."""
-    source = locate_vae(value, key)
-    if source.kind == "pretrained":
-        config = _read_json(source.path / "config.json", key)
-        check_vae_variant(vae_variant_from_config(config), task, source.path, key)
-        return source
-    header = _header_shapes(source, key)
-    if header is not None:
-        check_vae_variant(vae_variant_from_shapes({n: s for n, (_, s) in header.items()}), task, source.path, key)
-    return source
+    return check_source(locate_vae(value, key), task, key, vae_variant_from_config, vae_variant_from_shapes,
+                        check_vae_variant)
+
+
+# --- single-file encoders (t5.py, clip.py) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How a Wan text or image encoder is located and checked against a task's config (torch-free).
+
+    The task's config (`WanTask.<task_config>`) fixes a width (`width`, called `width_label` in messages)
+    and a layer count (`layers`). A state-dict file shows them as axis `axis` of the first of `tensors`
+    it has and the number of distinct block indices `blocks` matches (both per layout, see t5.py).
+    """
+
+    name: str  # "UMT5": a "UMT5 encoder" with a "UMT5 config.json"
+    hint: str  # what to set the key to
+    official_file: str  # the official .pth, also found in the root of an official Wan-AI download
+    subfolder: str  # the part's folder in a diffusers pipeline root
+    task_config: str  # the WanTask attribute holding the expected config
+    width: str
+    width_label: str
+    layers: str
+    signatures: dict[str, tuple[tuple[str, ...], int, re.Pattern]]  # layout -> (tensors, axis, blocks)
+    mismatch_fix: str  # the fix of a signature mismatch; formatted with key and hint
+
+    def locate(self, value, key: str, layout) -> Source:
+        """A Source for `value`: a state-dict file of kind `layout(names, path, key)` ("official" for a .pth),
+        the official file in a Wan-AI download root, or a pretrained folder (or pipeline root) with a config.json
+        holding width and layers. ConfigError on `key` otherwise."""
+        path = existing(value, key, self.hint)
+        if path.is_dir():
+            return self._locate_folder(path, key)
+        state_dict_file(path, key, self.hint)
+        shapes = header_shapes([path], key, f"set {key}=<{self.hint}>")
+        kind = "official" if shapes is None else layout(shapes, path, key)
+        return Source(kind, path, (path,))
+
+    def _locate_folder(self, path: Path, key: str) -> Source:
+        folder = subfolder(path, self.subfolder)
+        if (folder / self.official_file).is_file():  # the root of an official Wan-AI download
+            return Source("official", folder / self.official_file, (folder / self.official_file,))
+        if not {self.width, self.layers} <= read_config(folder, key).keys():
+            message = (f"{folder} has no {self.name} config.json (with {self.width} and {self.layers}); "
+                       f"set {key}=<{self.hint}>")
+            raise ConfigError([(key, message)])
+        return Source("pretrained", folder, folder_files(folder))
+
+    def check(self, source: Source, task: WanTask, key: str) -> Source:
+        """Check a located encoder against `task` from its config.json or safetensors headers (.pth: loader)."""
+        return check_source(source, task, key, lambda config: {n: config[n] for n in (self.width, self.layers)},
+                            lambda shapes: self.signature(shapes, source.kind), self.check_signature,
+                            f"set {key}=<{self.hint}>")
+
+    def signature(self, shapes: dict, kind: str) -> dict[str, int]:
+        """{width: ..., layers: ...} of a state dict {name: shape} of layout `kind`."""
+        tensors, axis, blocks = self.signatures[kind]
+        width = next((tuple(shapes[name])[axis] for name in tensors if name in shapes), None)
+        return {self.width: width, self.layers: len({m[1] for name in shapes if (m := blocks.match(name))})}
+
+    def check_signature(self, found: dict, task: WanTask, path: Path, key: str) -> None:
+        """ConfigError on `key` naming both signatures when `found` is not the task's."""
+        config = getattr(task, self.task_config)
+        expected = {name: config[name] for name in (self.width, self.layers)}
+        if found != expected:
+            raise ConfigError([(key, (
+                f"{path} is a {self.name} encoder with {self._describe(found)}, but model.task={task.name} "
+                f"expects {self._describe(expected)}; {self.mismatch_fix.format(key=key, hint=self.hint)}"
+            ))])
+
+    def _describe(self, signature: dict) -> str:
+        return f"{self.width_label} {signature[self.width]} and {signature[self.layers]} layers"
+
+
+class FrozenEncoder:
+    """Base of the loaded encoders (t5.WanTextEncoder, clip.WanCLIP): the wrapped `model`, its dtype and device."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    @property
+    def device(self):
+        return self.model.device

@@ -14,19 +14,28 @@ Accepted `model.t5` values (Source.kind):
 For a .pth the layout is only known once it is read; it is assumed official and the loader detects
 transformers names as well. Files are loaded into `UMT5EncoderModel` built from `task.t5_config`.
 
-Nothing here imports torch at import time; the generic helpers at the end (key-rule tables, reading
-and assigning state dicts) are shared with clip.py.
+Nothing here imports torch at import time; locating and checking go through locate.EncoderSpec,
+reading and assigning state dicts through models/statedict.py.
 """
 
 from __future__ import annotations
 
-import json
-import pickle
 import re
 from pathlib import Path
 
 from musubi_pipe.errors import ConfigError
-from musubi_pipe.models.files import Source, existing, folder_files, safetensors_shapes, state_dict_file, subfolder
+from musubi_pipe.models.files import Source, existing, folder_files, subfolder
+from musubi_pipe.models.statedict import (
+    assign_state,
+    cast_state,
+    compile_rules,
+    empty_model,
+    read_state_dict,
+    rename_keys,
+    reverse_rules,
+    state_shapes,
+)
+from musubi_pipe.models.wan.locate import EncoderSpec, FrozenEncoder
 from musubi_pipe.models.wan.tasks import WanTask
 
 OFFICIAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -55,11 +64,18 @@ _T5_RULES: list[tuple[str, str]] = [
 _SHARED, _TIED = "shared.weight", "encoder.embed_tokens.weight"
 # non-weight entries some repacks carry (ComfyUI stores the sentencepiece model as a uint8 tensor)
 _T5_EXTRAS = ("spiece_model",)
-# layout -> (embedding tensor [vocab, d_model], block index pattern), for shape checks
-_T5_SIGNATURE = {
-    "official": ("token_embedding.weight", re.compile(r"blocks\.(\d+)\.")),
-    "transformers_file": (_SHARED, re.compile(r"encoder\.block\.(\d+)\.")),
-}
+_T5_TO_TRANSFORMERS = compile_rules(reverse_rules(_T5_RULES))
+_T5_TO_OFFICIAL = compile_rules(_T5_RULES)
+_T5 = EncoderSpec(
+    name="UMT5", hint=_T5_HINT, official_file=OFFICIAL_T5_FILE, subfolder="text_encoder", task_config="t5_config",
+    width="d_model", width_label="d_model", layers="num_layers",
+    # d_model is axis 1 of the embedding [vocab, d_model]; files may hold either tied transformers name
+    signatures={
+        "official": (("token_embedding.weight",), 1, re.compile(r"blocks\.(\d+)\.")),
+        "transformers_file": ((_SHARED, _TIED), 1, re.compile(r"encoder\.block\.(\d+)\.")),
+    },
+    mismatch_fix="point {key} at the task's text encoder ({hint}) or change model.task",
+)
 
 
 # -- locating and checking (torch-free) -------------------------------------------------------------
@@ -69,24 +85,7 @@ def locate_t5(value, key: str = "model.t5") -> Source:
     Raises ConfigError on `key` for a missing path, an unsupported file (e.g. fp8_scaled) or a folder
     without a UMT5 config.json.
     """
-    path = existing(value, key, _T5_HINT)
-    if path.is_dir():
-        return _locate_t5_folder(path, key)
-    state_dict_file(path, key, _T5_HINT)
-    shapes = header_shapes(path, key, _T5_HINT)
-    kind = "official" if shapes is None else t5_layout(shapes, path, key)
-    return Source(kind, path, (path,))
-
-
-def _locate_t5_folder(path: Path, key: str) -> Source:
-    folder = subfolder(path, "text_encoder")
-    if (folder / OFFICIAL_T5_FILE).is_file():  # the root of an official Wan-AI download
-        return Source("official", folder / OFFICIAL_T5_FILE, (folder / OFFICIAL_T5_FILE,))
-    config = read_config(folder)
-    if not {"d_model", "num_layers"} <= config.keys():
-        message = f"{folder} has no UMT5 config.json (with d_model and num_layers); set {key}=<{_T5_HINT}>"
-        raise ConfigError([(key, message)])
-    return Source("pretrained", folder, folder_files(folder))
+    return _T5.locate(value, key, t5_layout)
 
 
 def t5_layout(names, path: Path, key: str) -> str:
@@ -103,39 +102,12 @@ def t5_layout(names, path: Path, key: str) -> str:
     raise ConfigError([(key, message)])
 
 
-def check_t5(value, task: WanTask, key: str = "model.t5") -> None:
-    """Raise ConfigError when `model.t5` does not fit `task.t5_config` (d_model, layers).
+def check_t5(value, task: WanTask, key: str = "model.t5") -> Source:
+    """Raise ConfigError when `model.t5` does not fit `task.t5_config` (d_model, layers); return its Source.
 
     Torch-free: reads safetensors headers or config.json; a .pth is checked by the loader instead.
     """
-    source = locate_t5(value, key)
-    if source.kind == "pretrained":
-        config = read_config(source.path)
-        found = {"d_model": config["d_model"], "num_layers": config["num_layers"]}
-    else:
-        shapes = header_shapes(source.path, key, _T5_HINT)
-        if shapes is None:
-            return
-        found = _t5_signature(_tie(_drop_extras({k: s for k, (_, s) in shapes.items()})), source.kind)
-    _check_t5_signature(found, task, source.path, key)
-
-
-def _t5_signature(shapes: dict, kind: str) -> dict:
-    embedding, block = _T5_SIGNATURE[kind]
-    return {
-        "d_model": tuple(shapes[embedding])[1],
-        "num_layers": len({m[1] for name in shapes if (m := block.match(name))}),
-    }
-
-
-def _check_t5_signature(found: dict, task: WanTask, path: Path, key: str) -> None:
-    expected = {name: task.t5_config[name] for name in ("d_model", "num_layers")}
-    if found != expected:
-        raise ConfigError([(key, (
-            f"{path} is a UMT5 encoder with d_model {found['d_model']} and {found['num_layers']} layers, "
-            f"but model.task={task.name} expects d_model {expected['d_model']} and {expected['num_layers']} "
-            f"layers; point {key} at the task's text encoder ({_T5_HINT}) or change model.task"
-        ))])
+    return _T5.check(locate_t5(value, key), task, key)
 
 
 def locate_tokenizer(value, key: str = "model.t5_tokenizer") -> Source:
@@ -179,21 +151,13 @@ def t5_to_official(state: dict) -> dict:
 
 
 # -- the encoder ---------------------------------------------------------------------------------------
-class WanTextEncoder:
+class WanTextEncoder(FrozenEncoder):
     """UMT5 encoder + tokenizer; `encode` returns one [L_i, D] tensor per text, L_i = its real token count."""
 
     def __init__(self, tokenizer, model, text_len: int):
+        super().__init__(model)
         self.tokenizer = tokenizer
-        self.model = model
         self.text_len = text_len
-
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    @property
-    def device(self):
-        return self.model.device
 
     def encode(self, texts) -> list:
         import torch
@@ -223,10 +187,9 @@ def load_text_encoder(t5_value, tokenizer_value, task: WanTask, device, dtype, k
     """
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    source = locate_t5(t5_value, key)
+    source = check_t5(t5_value, task, key)
     tokenizer = AutoTokenizer.from_pretrained(locate_tokenizer(tokenizer_value).path)
     if source.kind == "pretrained":
-        check_t5(t5_value, task, key)
         model = UMT5EncoderModel.from_pretrained(source.path, dtype=dtype)
     else:
         model = _load_t5_file(source.path, task, dtype, key)
@@ -238,14 +201,14 @@ def _load_t5_file(path: Path, task: WanTask, dtype, key: str):
     transformers-named state dict, cast to `dtype`."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    raw = read_state_dict(path, key)
+    raw = read_state_dict([path], key)
     kind = t5_layout(raw.keys(), path, key)  # a .pth may hold either layout
     try:
         state = _tie(_drop_extras(raw)) if kind == "transformers_file" else t5_to_transformers(_drop_extras(raw))
     except ValueError as e:
         raise ConfigError([(key, f"{path} is not a Wan UMT5 encoder file ({e}); set {key}=<{_T5_HINT}>")]) from e
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    _check_t5_signature(_t5_signature(shapes, "transformers_file"), task, path, key)
+    shapes = state_shapes(state)
+    _T5.check_signature(_T5.signature(shapes, "transformers_file"), task, path, key)
     config = UMT5Config(**{**task.t5_config, "vocab_size": shapes[_SHARED][0]})
     model = empty_model(lambda: UMT5EncoderModel(config))
     # cast once, then tie: casting both keys separately would hold the embedding twice
@@ -255,104 +218,3 @@ def _load_t5_file(path: Path, task: WanTask, dtype, key: str):
     assign_state(model, state, path, key, f"point {key} at a {task.name} text encoder ({_T5_HINT})")
     model.tie_weights()
     return model
-
-
-# -- generic helpers, shared with clip.py ------------------------------------------------------------
-def compile_rules(rules: list[tuple[str, str]]) -> list[tuple[re.Pattern, str]]:
-    """Compile (source template, target template) pairs; `{}` is a block index, `*` a parameter name."""
-    compiled = []
-    for src, dst in rules:
-        regex = re.escape(src).replace(r"\{\}", r"(\d+)").replace(r"\*", r"(\w+)")
-        compiled.append((re.compile(regex), dst.replace("*", "{}")))
-    return compiled
-
-
-def match_rule(key: str, rules: list[tuple[re.Pattern, str]]) -> tuple[int, str] | None:
-    """Return (index of the first rule matching `key`, the renamed key), or None."""
-    for index, (pattern, template) in enumerate(rules):
-        m = pattern.fullmatch(key)
-        if m:
-            return index, template.format(*m.groups())
-    return None
-
-
-def rename_keys(state: dict, rules: list[tuple[re.Pattern, str]], what: str) -> dict:
-    """Rename every key of `state` by `rules`; ValueError (`no {what} key ...`) names a key no rule covers."""
-    out = {}
-    for key, value in state.items():
-        hit = match_rule(key, rules)
-        if hit is None:
-            raise ValueError(f"no {what} key {key!r}")
-        out[hit[1]] = value
-    return out
-
-
-_T5_TO_TRANSFORMERS = compile_rules([(o, t) for t, o in _T5_RULES])
-_T5_TO_OFFICIAL = compile_rules(_T5_RULES)
-
-
-def read_config(folder: Path) -> dict:
-    """Return `folder/config.json` as a dict ({} when there is none)."""
-    config = folder / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else {}
-
-
-def header_shapes(path: Path, key: str, hint: str) -> dict | None:
-    """{name: (dtype, shape)} from a .safetensors header (None for .pt/.pth); ConfigError if unreadable."""
-    try:
-        return safetensors_shapes([path])
-    except ValueError as e:
-        raise ConfigError([(key, f"{e}; set {key}=<{hint}>")]) from e
-
-
-def read_state_dict(path: Path, key: str) -> dict:
-    """Read a .safetensors or .pt/.pth state dict onto the CPU; a .pth only as plain tensors (weights_only)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    import torch
-
-    try:
-        # mmap: tensors are read from disk only when used
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError) as e:
-        message = f"{path} cannot be read as a plain state dict of tensors ({e}); convert it to .safetensors"
-        raise ConfigError([(key, message)]) from e
-
-
-def empty_model(build):
-    """Return `build()` with its parameters on the meta device (nothing allocated)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        return build()
-
-
-def cast_state(model, state: dict, dtype) -> dict:
-    """Cast floating tensors to `dtype`, keeping the model's fp32 modules as `from_pretrained` does."""
-    import torch
-
-    keep = set(model._keep_in_fp32_modules_strict or []) if dtype in (torch.float16, torch.bfloat16) else set()
-    keep |= set(model._keep_in_fp32_modules or []) if dtype == torch.float16 else set()
-    return {
-        k: v.to(torch.float32 if keep & set(k.split(".")) else dtype) if v.is_floating_point() else v
-        for k, v in state.items()
-    }
-
-
-def assign_state(model, state: dict, path: Path, key: str, fix: str) -> None:
-    """Load `state` into the empty `model` (strict, assign); ConfigError on `key` naming mismatches."""
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    reshaped = sorted(k for k in expected.keys() & state.keys() if tuple(expected[k].shape) != tuple(state[k].shape))
-    problems = [f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})"] if missing else []
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-    if reshaped:
-        examples = ", ".join(f"{k}: file {list(state[k].shape)}, model {list(expected[k].shape)}" for k in reshaped[:3])
-        problems.append(f"{len(reshaped)} tensors of other shapes (e.g. {examples})")
-    if problems:
-        raise ConfigError([(key, f"{path} does not fit the model: {'; '.join(problems)}; {fix}")])
-    model.load_state_dict(state, strict=True, assign=True)
