@@ -146,15 +146,16 @@ def test_boundary_override(demo, routed):
 
 
 def test_ti2v_sample_keeps_the_given_first_frame(demo):
-    record = demo("model=wan_tiny_ti2v_5b", f"sampling.image={_image(demo)}",
+    record = demo("model=wan_tiny_ti2v_5b", f"sampling.image={_image(demo)}", "model.vae_dtype=float32",
                   "sampling.prompts=[{prompt: a red circle on a white background, frames: 9}]")
     sampled = load_file(str(Path(record["samples"][0]).with_suffix(".safetensors")))["latents"]
     family = get_family("wan")
     model_cfg = model_of(record)
     from musubi_pipe.stages.sample import _load_image
 
-    vae = family.load_vae(model_cfg, "cpu", torch.float32)
-    first = vae.encode_condition(_load_image(_image(demo), 64, 64), 9)["first_frame"][0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the run's device (runtime.device=auto)
+    vae = family.load_vae(model_cfg, device, torch.float32)
+    first = vae.encode_condition(_load_image(_image(demo), 64, 64).to(device), 9)["first_frame"][0].cpu()
     torch.testing.assert_close(sampled[:, :1], first.float(), atol=1e-4, rtol=0)
     assert not torch.allclose(sampled[:, 1:2], first.float(), atol=1e-2)
 

@@ -153,7 +153,7 @@ def run(ctx: StageContext) -> dict:
     for p, cond in zip(prompts, conds):
         shape = (1, geometry.latent_channels, (p["frames"] - 1) // st + 1, p["height"] // sh, p["width"] // sw)
         pos, neg = [embedding(p["prompt"])], [embedding(p["negative_prompt"])]
-        cond = {k: v.to(device, dit_dtype) for k, v in cond.items()}
+        cond = {k: v.to(device) for k, v in cond.items()}  # predict casts for the model; float32 kept for exact conditioning
 
         def velocity(x, timestep, p=p, cond=cond, pos=pos, neg=neg):
             expert = route(experts, float(timestep) / 1000)

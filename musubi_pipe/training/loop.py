@@ -175,7 +175,7 @@ class Trainer:
         inputs = self.family.training_inputs(self.model_cfg, latents, noise, t, cached, self.generator)
         dit = self.dits.get(expert.name)
         self.expert_steps[expert.name] = self.expert_steps.get(expert.name, 0) + 1
-        cond = {k: v.to(self.device, self.dit_dtype) for k, v in inputs.cond.items()}
+        cond = {k: v.to(self.device) for k, v in inputs.cond.items()}  # predict casts them for the model
         with self.autocast:
             pred = self.family.predict(dit, inputs.noisy.to(self.device, self.dit_dtype), inputs.timesteps.to(self.device), embeds, cond)
         return _masked_mse(pred.float(), inputs.target.to(self.device).float(), inputs.mask)
