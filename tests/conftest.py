@@ -1,7 +1,9 @@
 """Shared fixtures: the tiny Wan model built once per session, and in-process demo runs."""
 
 import itertools
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,25 @@ def stage(record: dict, name: str) -> dict:
     """Return the run record of stage `name`."""
     return next(s for s in record["stages"] if s["name"] == name)
 
+
+
+def capture_diffusers_messages(action) -> list[str]:
+    """Run `action()`; return what the `diffusers` logger said at WARNING and up, plus Python warnings
+    (PEFT reports adapter/state-dict inconsistencies as warnings)."""
+    import diffusers
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")
+    old_level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_warning()
+    diffusers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            action()
+    finally:
+        diffusers_logger.removeHandler(handler)
+        diffusers.utils.logging.set_verbosity(old_level)
+    return [r.getMessage() for r in records] + [str(w.message) for w in caught]

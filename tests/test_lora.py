@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import logging
 import os
-import warnings
 
 import pytest
 import safetensors
@@ -14,6 +12,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from conftest import capture_diffusers_messages
 from musubi_pipe.errors import UserError
 from musubi_pipe.models.wan import names
 from musubi_pipe.network import lora_file
@@ -204,25 +203,6 @@ def test_merge_matches_applied(base_model, inputs):
     torch.testing.assert_close(run(model, inputs), applied, rtol=0, atol=1e-5)
 
 
-def _capture_diffusers_messages(action) -> list[str]:
-    """Run `action()`; return what the `diffusers` logger said at WARNING and up, plus Python warnings."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append
-    diffusers_logger = logging.getLogger("diffusers")
-    old_level = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_warning()
-    diffusers_logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            action()
-    finally:
-        diffusers_logger.removeHandler(handler)
-        diffusers.utils.logging.set_verbosity(old_level)
-    return [r.getMessage() for r in records] + [str(w.message) for w in caught]
-
-
 def test_diffusers_message_capture_sees_a_bad_load(base_model, tmp_path):
     # Guards the zero-unmatched-keys test below against passing because nothing was captured.
     network = trained_network(copy.deepcopy(base_model))
@@ -231,7 +211,7 @@ def test_diffusers_message_capture_sees_a_bad_load(base_model, tmp_path):
     converted = diffusers.WanPipeline.lora_state_dict(str(path))
     del converted["transformer.blocks.0.attn1.to_q.lora_B.weight"]
     model = copy.deepcopy(base_model)
-    messages = _capture_diffusers_messages(
+    messages = capture_diffusers_messages(
         lambda: model.load_lora_adapter(converted, prefix="transformer", adapter_name="t")
     )
     assert [m for m in messages if "missing keys" in m], messages
@@ -253,7 +233,7 @@ def test_diffusers_loads_with_zero_unmatched_keys_and_same_output(base_model, in
         converted.update(diffusers.WanPipeline.lora_state_dict(str(path)))
         theirs.load_lora_adapter(dict(converted), prefix="transformer", adapter_name="t")
 
-    messages = _capture_diffusers_messages(load)
+    messages = capture_diffusers_messages(load)
     for bad in ("unexpected keys", "missing keys", "No LoRA keys associated", "inconsistency"):
         assert not [m for m in messages if bad in m], messages
     assert all(k.startswith("transformer.") and "lora" in k for k in converted)

@@ -100,11 +100,6 @@ def run(ctx: StageContext) -> dict:
     from safetensors.torch import load_file, save_file
 
     from musubi_pipe.data.media import write_mp4, write_png
-    from musubi_pipe.models.base import route
-    from musubi_pipe.models.experts import ExpertDits
-    from musubi_pipe.network.lora import LoRANetwork
-    from musubi_pipe.network.lora_file import load_lora_file
-    from musubi_pipe.sampling.flow_match import guided, sample_latents
 
     job, sampling = ctx.job, ctx.cfg["sampling"]
     defaults = _defaults(job)
@@ -131,39 +126,17 @@ def run(ctx: StageContext) -> dict:
         del vae
 
     offload = bool(job.cfg["memory"].get("offload_inactive_dit"))
-    dits, networks = {}, []
-    for expert in experts:
-        dit = family.load_dit(model, "cpu" if offload and len(experts) > 1 else device, dit_dtype, expert=expert.name)
-        dits[expert.name] = dit
-        if expert.name in lora_experts:
-            tensors, _ = load_lora_file(train_dir / lora_experts[expert.name])
-            rank = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight"))
-            network = LoRANetwork(family.lora_targets(dit), rank, None, multiplier=sampling["lora_multiplier"])
-            network.load_lora_state_dict(tensors)
-            network.to(device)
-            network.apply_to()
-            networks.append(network)
-    dits = ExpertDits(dits, device, offload)
+    dits, networks = _load_experts(family, model, experts, device, dit_dtype, offload, train_dir, lora_experts,
+                                   sampling["lora_multiplier"])
 
     def embedding(text):
         return load_file(str(job.store.item_path("text", text_index[text])))["embedding"].to(device, dit_dtype)
 
-    (st, sh, sw) = geometry.vae_stride
-    latents_out = []
-    for p, cond in zip(prompts, conds):
-        shape = (1, geometry.latent_channels, (p["frames"] - 1) // st + 1, p["height"] // sh, p["width"] // sw)
-        pos, neg = [embedding(p["prompt"])], [embedding(p["negative_prompt"])]
-        cond = {k: v.to(device) for k, v in cond.items()}  # predict casts for the model; float32 kept for exact conditioning
-
-        def velocity(x, timestep, p=p, cond=cond, pos=pos, neg=neg):
-            expert = route(experts, float(timestep) / 1000)
-            dit = dits.get(expert.name)
-            scale = p["guidance_scale_high"] if len(experts) > 1 and expert is experts[0] else p["guidance_scale"]
-            x, t = x.to(device), timestep.expand(x.shape[0]).to(device, torch.float32)
-            return guided(lambda positive: family.predict(dit, x, t, pos if positive else neg, cond), scale)
-
-        latents_out.append(sample_latents(velocity, shape=shape, steps=p["steps"], shift=p["shift"], seed=p["seed"],
-                                          progress=ctx.runtime.get("progress", True)))
+    latents_out = [
+        _denoise(family, experts, dits, geometry, p, cond, [embedding(p["prompt"])], [embedding(p["negative_prompt"])],
+                 device, ctx.runtime.get("progress", True))
+        for p, cond in zip(prompts, conds)
+    ]
     for network in networks:
         network.restore()
     del dits, networks
@@ -183,6 +156,48 @@ def run(ctx: StageContext) -> dict:
             write_mp4(path, frames, fps)
         files.append(path.name)
     return {"outputs": {"samples": files}, "prompts": [p["prompt"] for p in prompts]}
+
+
+def _load_experts(family, model, experts, device, dtype, offload, train_dir, lora_experts, multiplier):
+    """Load every expert's DiT, each with the LoRA the train stage made for it; return (ExpertDits, networks)."""
+    from musubi_pipe.models.experts import ExpertDits
+    from musubi_pipe.network.lora import LoRANetwork
+    from musubi_pipe.network.lora_file import load_lora_file
+
+    dits, networks = {}, []
+    for expert in experts:
+        dit = family.load_dit(model, "cpu" if offload and len(experts) > 1 else device, dtype, expert=expert.name)
+        dits[expert.name] = dit
+        if expert.name in lora_experts:
+            tensors, _ = load_lora_file(train_dir / lora_experts[expert.name])
+            rank = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight"))
+            network = LoRANetwork(family.lora_targets(dit), rank, None, multiplier=multiplier)
+            network.load_lora_state_dict(tensors)
+            network.to(device)
+            network.apply_to()
+            networks.append(network)
+    return ExpertDits(dits, device, offload), networks
+
+
+def _denoise(family, experts, dits, geometry, p: dict, cond: dict, positive, negative, device, progress):
+    """Sample one prompt's latents: each step runs the expert its timestep routes to, with its guidance."""
+    import torch
+
+    from musubi_pipe.models.base import route
+    from musubi_pipe.sampling.flow_match import guided, sample_latents
+
+    st, sh, sw = geometry.vae_stride
+    shape = (1, geometry.latent_channels, (p["frames"] - 1) // st + 1, p["height"] // sh, p["width"] // sw)
+    cond = {k: v.to(device) for k, v in cond.items()}  # predict casts for the model; float32 kept for exact conditioning
+
+    def velocity(x, timestep):
+        expert = route(experts, float(timestep) / 1000)
+        dit = dits.get(expert.name)
+        scale = p["guidance_scale_high"] if len(experts) > 1 and expert is experts[0] else p["guidance_scale"]
+        x, t = x.to(device), timestep.expand(x.shape[0]).to(device, torch.float32)
+        return guided(lambda pos: family.predict(dit, x, t, positive if pos else negative, cond), scale)
+
+    return sample_latents(velocity, shape=shape, steps=p["steps"], shift=p["shift"], seed=p["seed"], progress=progress)
 
 
 STAGE = Stage(

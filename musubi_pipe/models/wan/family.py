@@ -27,7 +27,14 @@ from musubi_pipe.models.wan.tasks import WanTask, get_task
 TINY_VERSION = 4  # bump when tiny.py changes what it writes
 DEFAULT_FIRST_FRAME_RATIO = 0.5
 
+# the model config key holding each expert's weights ("" = the only DiT)
 _EXPERT_KEYS = {"": "model.dit", "low_noise": "model.dit", "high_noise": "model.dit_high_noise"}
+
+
+def _dit_value(model_cfg: dict, expert: str):
+    """(config key, configured path) of an expert's DiT weights."""
+    key = _EXPERT_KEYS[expert]
+    return key, model_cfg.get(key.removeprefix("model."))
 
 
 def boundary(model_cfg: dict, task: WanTask) -> float | None:
@@ -70,8 +77,8 @@ class WanFamily:
         task = get_task(model_cfg.get("task"))
         b = boundary(model_cfg, task)
         if b is None:
-            return [Expert("", "model.dit", 0.0, 1.0)]
-        return [Expert("high_noise", "model.dit_high_noise", b, 1.0), Expert("low_noise", "model.dit", 0.0, b)]
+            return [Expert("", _EXPERT_KEYS[""], 0.0, 1.0)]
+        return [Expert("high_noise", _EXPERT_KEYS["high_noise"], b, 1.0), Expert("low_noise", _EXPERT_KEYS["low_noise"], 0.0, b)]
 
     def sample_image(self, model_cfg: dict) -> str:
         conditioning = get_task(model_cfg.get("task")).conditioning
@@ -94,7 +101,7 @@ class WanFamily:
         except ConfigError as e:
             return e.problems
         problems = []
-        checks = [lambda e=e: check_dit(model_cfg.get(_EXPERT_KEYS[e].split(".")[1]), task, _EXPERT_KEYS[e], e)
+        checks = [lambda e=e: check_dit(_dit_value(model_cfg, e)[1], task, _dit_value(model_cfg, e)[0], e)
                   for e in task.experts]
         checks += [
             lambda: check_vae(model_cfg.get("vae"), task),
@@ -139,8 +146,8 @@ class WanFamily:
         elif part == "text":
             files = t5_files.locate_t5(model_cfg.get("t5")).files + t5_files.locate_tokenizer(model_cfg.get("t5_tokenizer")).files
         elif part == "dit":
-            key = _EXPERT_KEYS[expert]
-            files = locate_dit(model_cfg.get(key.split(".")[1]), key, expert).files
+            key, value = _dit_value(model_cfg, expert)
+            files = locate_dit(value, key, expert).files
         else:
             raise ValueError(f"unknown model part {part!r}; expected 'vae', 'text' or 'dit'")
         return sorted(files)
@@ -178,9 +185,9 @@ class WanFamily:
     def load_dit(self, model_cfg: dict, device, dtype, expert: str = ""):
         from musubi_pipe.models.wan import loading
 
-        key = _EXPERT_KEYS[expert]
+        key, value = _dit_value(model_cfg, expert)
         task = get_task(model_cfg.get("task"))
-        return loading.load_dit(model_cfg.get(key.split(".")[1]), task, device, dtype, key=key, expert=expert)
+        return loading.load_dit(value, task, device, dtype, key=key, expert=expert)
 
     def lora_targets(self, dit) -> dict:
         from torch import nn
