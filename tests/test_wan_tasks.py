@@ -196,6 +196,12 @@ def test_validation_names_task_specific_problems(demo, tmp_path):
         demo("model=wan_tiny", "training.experts=high")
     assert "training.experts" in str(err.value) and "one DiT" in str(err.value)
     with pytest.raises(ConfigError) as err:
+        demo("model=wan_tiny", "sampling.guidance_scale_high=4.0")
+    assert "one DiT" in dict(err.value.problems)["sampling.guidance_scale_high"]
+    with pytest.raises(ConfigError) as err:
+        demo("model=wan_tiny", "+model.first_frame_ratio=0.5")
+    assert "ti2v-5B" in dict(err.value.problems)["model.first_frame_ratio"]
+    with pytest.raises(ConfigError) as err:
         demo("model=wan_tiny_i2v_a14b")
     assert "sampling.prompts[0].image" in str(err.value)
     with pytest.raises(ConfigError) as err:

@@ -68,12 +68,21 @@ def validate(cfg: dict) -> None:
 
 
 def _check_experts(cfg: dict, family) -> list[tuple[str, str]]:
-    experts = family.experts(cfg["model"])
+    """Expert options on a model with one DiT are mistakes, not no-ops: name them."""
+    if len(family.experts(cfg["model"])) > 1:
+        return []
+    task, problems = cfg["model"].get("task"), []
     which = cfg["training"]["experts"]
-    if which != "both" and len(experts) == 1:
-        task = cfg["model"].get("task")
-        return [("training.experts", f"is {which!r} but model.task={task} has one DiT; use both")]
-    return []
+    if which != "both":
+        problems.append(("training.experts", f"is {which!r} but model.task={task} has one DiT; use both"))
+    sampling = cfg["sampling"]
+    scales = [("sampling.guidance_scale_high", sampling.get("guidance_scale_high"))]
+    scales += [(f"sampling.prompts[{i}].guidance_scale_high", p.get("guidance_scale_high"))
+               for i, p in enumerate(sampling.get("prompts") or [])]
+    for key, value in scales:
+        if value is not None:
+            problems.append((key, f"is set but model.task={task} has one DiT; use guidance_scale"))
+    return problems
 
 
 def prepare_embedded(cfg: dict) -> None:

@@ -133,7 +133,10 @@ class WanFamily:
             elif not (0 < value < 1 or 1 < value < 1000):
                 problems.append(("model.timestep_boundary", f"is {value}; use a value in (0, 1) such as 0.875, or in timesteps such as 875"))
         ratio = model_cfg.get("first_frame_ratio")
-        if ratio is not None and not 0 <= ratio <= 1:
+        if ratio is not None and task.conditioning != "first_frame":
+            problems.append(("model.first_frame_ratio", f"is set but model.task={task.name} has no first-frame "
+                                                        "conditioning (only ti2v-5B does); remove it"))
+        elif ratio is not None and not 0 <= ratio <= 1:
             problems.append(("model.first_frame_ratio", f"is {ratio}; use a value in [0, 1]"))
         return problems
 
