@@ -27,7 +27,15 @@ SCHEMA: dict[str, dict] = {
         "vae_dtype": DTYPES,
         "tiny_dir": "str?",
     },
-    "dataset": {"general": "dict", "datasets": "list", "demo_dir": "str?"},
+    "dataset": {
+        "general": "dict",
+        "datasets": "list",
+        "musubi_config": "str?",
+        "strict": "bool",
+        "preview": "bool",
+        "preview_max_items": "int",
+        "demo_dir": "str?",
+    },
     "memory": {"gradient_checkpointing": "bool", "attention": ("sdpa",), "offload_inactive_dit": "bool"},
     "optimizer": {
         "optimizer_type": ("adamw",),

@@ -24,21 +24,18 @@ def _schema_for(cfg: dict) -> dict:
 
 def check_structure(cfg: dict) -> list[tuple[str, str]]:
     """Return schema problems of the whole config (no file access)."""
-    from musubi_pipe.data.sources import DATASET_KEYS
+    from musubi_pipe.data.dataset_config import check_datasets
     from musubi_pipe.stages import STAGE_NAMES
 
     body = {k: v for k, v in cfg.items() if k != "hydra"}
     problems = check_mapping("", body, _schema_for(cfg))
     dataset = body.get("dataset") or {}
-    general_keys = {k: "any" for k in ("resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale")}
-    if isinstance(dataset.get("general"), dict):
-        problems += check_mapping("dataset.general", dataset["general"], general_keys)
     if isinstance(dataset, dict) and dataset.get("datasets") == []:
         problems.append(("dataset.datasets", "is empty; add at least one image_directory or video_directory entry, "
-                         "e.g. 'dataset.datasets=[{video_directory:/data/clips,target_frames:[81]}]'"))
-    allowed = {k: "any?" for kind in DATASET_KEYS.values() for k in kind}
-    for i, entry in enumerate(dataset.get("datasets") or []):
-        problems += check_mapping(f"dataset.datasets[{i}]", entry, allowed)
+                         "e.g. 'dataset.datasets=[{video_directory:/data/clips,target_frames:[81]}]', or give a "
+                         "musubi-tuner dataset file with dataset.musubi_config=path/to/dataset.toml"))
+    elif isinstance(dataset.get("datasets"), list) and isinstance(dataset.get("general", {}), dict):
+        problems += check_datasets(dataset.get("general"), dataset["datasets"], "dataset")
     for i, prompt in enumerate((body.get("sampling") or {}).get("prompts") or []):
         problems += check_mapping(f"sampling.prompts[{i}]", prompt, PROMPT_KEYS)
     for name in (body.get("pipeline") or {}).get("stages") or []:
@@ -47,8 +44,26 @@ def check_structure(cfg: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def read_musubi_config(cfg: dict) -> None:
+    """Replace dataset.general/datasets with a musubi-tuner dataset file's, when dataset.musubi_config names one."""
+    from musubi_pipe.data.dataset_config import load_musubi_config
+
+    dataset = cfg.get("dataset")
+    path = dataset.get("musubi_config") if isinstance(dataset, dict) else None
+    if not isinstance(path, str):
+        return
+    if dataset.get("datasets"):
+        raise ConfigError([("dataset.musubi_config", f"is set ({path}) and so is dataset.datasets; use one: "
+                            "dataset.datasets=[] to read the file, or dataset.musubi_config=null")])
+    dataset["general"], dataset["datasets"] = load_musubi_config(path)
+
+
 def validate(cfg: dict) -> None:
-    """Raise ConfigError listing every problem of `cfg` (a resolved plain dict); build demo assets."""
+    """Raise ConfigError listing every problem of `cfg` (a resolved plain dict); build demo assets.
+
+    A musubi-tuner dataset file (dataset.musubi_config) is read into `cfg` first, in place.
+    """
+    read_musubi_config(cfg)
     problems = check_structure(cfg)
     if problems:
         raise ConfigError(problems)
@@ -60,11 +75,35 @@ def validate(cfg: dict) -> None:
     problems = family.check_config(cfg["model"])
     if problems:
         raise ConfigError(problems)
-    problems = _check_experts(cfg, family)
+    problems = _check_experts(cfg, family) + _check_dataset_features(cfg["dataset"])
     if "sample" in cfg["pipeline"]["stages"]:
         problems += check_prompts(cfg["sampling"], family.geometry(cfg["model"]), family.sample_image(cfg["model"]))
     if problems:
         raise ConfigError(problems)
+
+
+# Dataset keys of musubi-tuner features not built here yet: accepted by the schema (a dataset file
+# written for musubi-tuner reads), but a value other than the default is an error, not a silent no-op.
+UNBUILT_DATASET_FEATURES = {
+    "multiple_target": "Qwen-Image-Layered training",
+    "fp_1f_clean_indices": "one-frame training (FramePack / Wan)",
+    "fp_1f_target_index": "one-frame training (FramePack / Wan)",
+    "fp_1f_no_post": "one-frame training (FramePack / Wan)",
+}
+
+
+def _check_dataset_features(dataset: dict) -> list[tuple[str, str]]:
+    """Name the dataset keys that ask for a feature musubi_pipe does not have yet."""
+    from musubi_pipe.data.dataset_config import entry_where, merged_entry
+
+    problems = []
+    for i, entry in enumerate(dataset["datasets"]):
+        merged = merged_entry(dataset.get("general"), entry)
+        for key, feature in UNBUILT_DATASET_FEATURES.items():
+            if merged.get(key) not in (None, False):
+                problems.append((f"{entry_where(dataset, i)}.{key}", f"asks for {feature}, which musubi_pipe does not "
+                                 "support yet; remove the key"))
+    return problems
 
 
 def _check_experts(cfg: dict, family) -> list[tuple[str, str]]:
