@@ -12,9 +12,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from musubi_pipe.data.dataset_config import FRAME_EXTRACTION as FRAME_EXTRACTION_MODES
 
-FRAME_EXTRACTION_MODES = ("head", "chunk", "slide", "uniform", "full")
+logger = logging.getLogger(__name__)
 
 
 def round_to_4n1(frames: int) -> int:

@@ -72,6 +72,9 @@ class TrainingInputs:
 class VAE(Protocol):
     """A loaded video VAE (with any image encoder the task needs). Pixels are float in [-1, 1], [B, 3, F, H, W]."""
 
+    def encode(self, pixels) -> Any:
+        """Return normalized latents [B, C, F', H', W'] of pixels (used for control media)."""
+
     def encode_item(self, pixels) -> dict:
         """Return the cached tensors of one training item: "latents" (normalized) plus conditioning tensors."""
 
@@ -104,6 +107,9 @@ class Family(Protocol):
 
     def sampling_defaults(self, model_cfg: dict) -> dict:
         """Defaults for sampling keys left null: shift, guidance_scale, guidance_scale_high, fps."""
+
+    def uses_controls(self, model_cfg: dict) -> bool:
+        """Whether the task trains with control media (then cache_latents encodes them as "control_latents_<i>")."""
 
     def check_config(self, model_cfg: dict) -> list[tuple[str, str]]:
         """Return (key, message) problems with the model config and its files; never imports torch."""

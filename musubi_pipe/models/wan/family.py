@@ -95,6 +95,10 @@ class WanFamily:
         }
 
     # -- config checks and cache identities ---------------------------------------------------
+    def uses_controls(self, model_cfg: dict) -> bool:
+        # Fun-Control and one-frame training (the Wan tasks that take control media) are not built yet
+        return False
+
     def check_config(self, model_cfg: dict) -> list[tuple[str, str]]:
         try:
             task = get_task(model_cfg.get("task"))
