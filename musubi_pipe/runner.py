@@ -39,23 +39,19 @@ def run(cfg: DictConfig | dict, run_dir: str | os.PathLike) -> dict:
     container = cfg if isinstance(cfg, dict) else resolve(cfg)
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+    _write_config(run_dir, container)
     validate(container)
+    _write_config(run_dir, container)  # validation reads a musubi-tuner dataset file into the config
     store = Store(container["paths"]["cache"])
     digests = DigestCache(store.root / "digests.json")
     job = Job(cfg=container, store=store, digests=digests, run_dir=run_dir)
+    if container["dataset"]["preview"]:
+        return _preview(job, started)
     pipeline = container["pipeline"]
     planned = plan(job, all_stages(), pipeline["stages"], mode=pipeline["mode"], verify=pipeline["verify"])
     digests.save()
     print(f"plan ({run_dir.name}):\n{format_plan(planned)}", flush=True)
-    record = {
-        "version": RUN_RECORD_VERSION,
-        "name": container["name"],
-        "run_dir": str(run_dir),
-        "config": str(run_dir / "config.yaml"),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "dry_run": bool(pipeline["dry_run"]),
-    }
+    record = _header(job, started, dry_run=bool(pipeline["dry_run"]))
     if pipeline["dry_run"]:
         record["plan"] = [
             {"name": p.stage.name, "selected": p.selected, "cached": p.cached, "fingerprint": p.fingerprint, "reason": p.reason}
@@ -70,6 +66,40 @@ def run(cfg: DictConfig | dict, run_dir: str | os.PathLike) -> dict:
     for kind in ("lora", "samples"):
         for path in record[kind]:
             print(f"{kind}: {path}")
+    return record
+
+
+def _write_config(run_dir: Path, container: dict) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+
+
+def _header(job: Job, started: float, dry_run: bool) -> dict:
+    return {
+        "version": RUN_RECORD_VERSION,
+        "name": job.cfg["name"],
+        "run_dir": str(job.run_dir),
+        "config": str(job.run_dir / "config.yaml"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "dry_run": dry_run,
+    }
+
+
+def _preview(job: Job, started: float) -> dict:
+    """dataset.preview=true: draw what training will see (no model is loaded), record it, run nothing."""
+    from musubi_pipe.data.preview import write_preview
+    from musubi_pipe.stages.common import dataset_scan
+
+    items, skips = dataset_scan(job)
+    written = write_preview(items, skips, job.run_dir / "preview", max_items=job.cfg["dataset"]["preview_max_items"])
+    record = _header(job, started, dry_run=True)
+    record["preview"] = {key: [str(p) for p in value] if isinstance(value, list) else value
+                         for key, value in written.items()} | {"items_skipped": len(skips)}
+    record["preview"].update({key: str(record["preview"][key]) for key in ("clips", "skipped")})
+    _write_record(job.run_dir, record)
+    print(f"preview: {len(items)} items ({len(skips)} skipped); sheets:", flush=True)
+    for sheet in written["sheets"]:
+        print(f"  {sheet}")
+    print(f"clip list: {written['clips']}", flush=True)
     return record
 
 

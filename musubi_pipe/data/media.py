@@ -154,20 +154,47 @@ def _too_short(path, got: int, wanted: int) -> MediaError:
                       f"truncated: {_REENCODE}")
 
 
-def _decode_file_frames(path: Path, wanted: list[int]) -> list[np.ndarray]:
+def _decode_file_frames(path: Path, wanted: list[int], earlier: set[int] | None = None) -> list[np.ndarray]:
+    """Frames at source indices `wanted` of a video file.
+
+    `earlier` (pad mode only) holds the kept source indices before the clip: a file that ends early
+    then returns the frames it has, padded with its last kept frame, instead of raising.
+    """
     wanted_set = set(wanted)
     frames = []
     decoded = 0
     with _open_video_stream(path) as (container, stream):
+        last_earlier = None  # the latest kept frame before the clip, in case the file ends before it
         for index, frame in enumerate(container.decode(stream)):
             decoded = index + 1
             if index in wanted_set:
                 frames.append(frame.to_ndarray(format="rgb24"))
+            elif earlier is not None and index in earlier:
+                last_earlier = frame
             if index == wanted[-1]:
                 break  # stop decoding as soon as the clip is complete
+        if len(frames) < len(wanted) and earlier is not None and not frames and last_earlier is not None:
+            frames.append(last_earlier.to_ndarray(format="rgb24"))
     if len(frames) < len(wanted):
-        raise _too_short(path, decoded, wanted[-1] + 1)
+        if earlier is None or not frames:
+            raise _too_short(path, decoded, wanted[-1] + 1)
+        frames.extend([frames[-1]] * (len(wanted) - len(frames)))
     return frames
+
+
+def _folder_frames(path: Path, wanted: list[int], earlier: set[int] | None = None) -> list[np.ndarray]:
+    """Frames at source indices `wanted` of a frame folder; `earlier` as in `_decode_file_frames`."""
+    files = list_media(path, IMAGE_EXTENSIONS)
+    if wanted[-1] < len(files):
+        return [load_image(files[i]) for i in wanted]
+    present = [i for i in wanted if i < len(files)]
+    if earlier is not None and not present:
+        present = sorted(i for i in earlier if i < len(files))[-1:]  # the clip starts after the last frame
+    if earlier is None or not present:
+        raise MediaError(path, f"folder holds {len(files)} frame images but frame {wanted[-1] + 1} was needed; "
+                         "add the missing frames or lower target_frames")
+    frames = [load_image(files[i]) for i in present]
+    return frames + [frames[-1]] * (len(wanted) - len(frames))
 
 
 def load_video_frames(
@@ -176,23 +203,27 @@ def load_video_frames(
     count: int,
     source_fps: float | None = None,
     target_fps: float | None = None,
+    pad: bool = False,
 ) -> np.ndarray:
     """Decode `count` frames from position `start` as [count, H, W, 3] uint8 RGB. Raises MediaError.
 
     With `source_fps`, frames are first decimated from source_fps to target_fps (see
     `frames.fps_kept_indices`) and `start`/`count` index the kept frames; without it every frame
     counts, whatever the container's fps. Decoding stops at the last frame needed.
+
+    A video that ends before the last wanted frame raises MediaError, unless `pad` is set: then the
+    missing frames repeat the video's last (kept) frame, as musubi-tuner does for control videos
+    shorter than their video; this needs at least one decodable frame.
     """
     path = Path(path)
     wanted = _wanted_indices(start, count, source_fps, target_fps)
+    earlier = None  # pad mode: kept source indices before the clip, whose last one pads a clip past the end
+    if pad:
+        earlier = set(_wanted_indices(0, start, source_fps, target_fps)) if start > 0 else set()
     if path.is_dir():
-        files = list_media(path, IMAGE_EXTENSIONS)
-        if wanted[-1] >= len(files):
-            raise MediaError(path, f"folder holds {len(files)} frame images but frame {wanted[-1] + 1} was needed; "
-                             "add the missing frames or lower target_frames")
-        frames = [load_image(files[i]) for i in wanted]
+        frames = _folder_frames(path, wanted, earlier)
     else:
-        frames = _decode_file_frames(path, wanted)
+        frames = _decode_file_frames(path, wanted, earlier)
     if len({f.shape for f in frames}) > 1:
         raise MediaError(path, f"frame size changes within the video; {_REENCODE} at one size")
     return np.stack(frames)

@@ -33,6 +33,19 @@ class PlannedStage:
     record: dict = field(default_factory=dict)
 
 
+def lookup(job: Job, stage: Stage, fp: str, verify: str) -> tuple[dict | None, str | None]:
+    """(manifest, None) for a usable artifact; (None, why) when the store has it but it cannot be used.
+
+    Besides the store's own checks (manifest, output sizes), a stage's `check` may reject an artifact,
+    e.g. an item index whose entries were removed from the store.
+    """
+    manifest = job.store.lookup(stage.name, fp, verify=verify)
+    if manifest is None or stage.check is None:
+        return manifest, None
+    problem = stage.check(job, job.store.entry_dir(stage.name, fp))
+    return (None, problem) if problem else (manifest, None)
+
+
 def build_document(job: Job, stage: Stage, upstream_fps: dict[str, str]) -> dict:
     """Return the stage's input document: name, version, declared config, upstream fps, inputs."""
     doc = {
@@ -53,7 +66,7 @@ def plan(job: Job, stages: list[Stage], selected: list[str], mode: str = "auto",
         doc = build_document(job, stage, fps)
         fp = fingerprint(doc)
         fps[stage.name] = fp
-        manifest = job.store.lookup(stage.name, fp, verify=verify)
+        manifest, problem = lookup(job, stage, fp, verify)
         is_selected = stage.name in selected
         cached = manifest is not None and mode != "force"
         if cached:
@@ -61,7 +74,7 @@ def plan(job: Job, stages: list[Stage], selected: list[str], mode: str = "auto",
         elif mode == "force":
             reason = "pipeline.mode=force"
         else:
-            reason = explain(job.store.last_inputs(stage.name), doc)
+            reason = problem or explain(job.store.last_inputs(stage.name), doc)
         artifact = job.store.entry_dir(stage.name, fp) if manifest is not None else None
         planned.append(PlannedStage(stage, doc, fp, is_selected, cached, reason, artifact))
     return planned
@@ -117,7 +130,7 @@ def execute(job: Job, planned: list[PlannedStage], mode: str = "auto", verify: s
             continue
         started = time.perf_counter()
         if p.cached:
-            manifest = job.store.lookup(p.stage.name, p.fingerprint, verify=verify)
+            manifest, _ = lookup(job, p.stage, p.fingerprint, verify)
             if manifest is None:  # went bad since planning
                 p.cached = False
         if p.cached:
@@ -140,7 +153,7 @@ def execute(job: Job, planned: list[PlannedStage], mode: str = "auto", verify: s
             "artifact": str(p.artifact),
             "seconds": round(time.perf_counter() - started, 3),
             **stats,
-            **(p.stage.report(job) if p.stage.report else {}),
+            **(p.stage.report(job, stats) if p.stage.report else {}),
         }
         records.append(p.record)
         if on_stage:
@@ -152,7 +165,7 @@ def _upstream_dirs(job: Job, p: PlannedStage, by_name: dict, verify: str) -> dic
     dirs = {}
     for name in p.stage.upstream:
         up = by_name[name]
-        if job.store.lookup(name, up.fingerprint, verify=verify) is None:
+        if lookup(job, up.stage, up.fingerprint, verify)[0] is None:
             raise UserError(
                 f"stage {p.stage.name} needs the output of {name}, which is not in the store for this "
                 f"config; add {name} to pipeline.stages"
@@ -164,7 +177,7 @@ def _upstream_dirs(job: Job, p: PlannedStage, by_name: dict, verify: str) -> dic
 def _run_locked(job: Job, p: PlannedStage, upstream_dirs, force: bool, verify: str):
     """Compute the stage under its lock; a job that waited on the lock reuses the winner's output."""
     with job.store.lock(p.stage.name, p.fingerprint):
-        manifest = job.store.lookup(p.stage.name, p.fingerprint, verify=verify)
+        manifest, _ = lookup(job, p.stage, p.fingerprint, verify)
         if manifest is not None and not force:
             return "cached", _cached_stats(manifest)
         tmp = job.store.new_tmp_dir(p.stage.name, p.fingerprint)

@@ -46,8 +46,9 @@ class Stage:
 
     inputs(job) -> dict merged into the input document (e.g. {"files": {...}, "items": [...]}).
     run(ctx) -> dict of stats (items_total, items_computed, ...) recorded in run.json and the manifest.
-    report(job) -> dict of facts about this run's inputs (e.g. skipped media) recorded in run.json
-    whether the stage ran or was cached.
+    check(job, artifact_dir) -> None, or why a stored artifact cannot be used (then it is recomputed).
+    report(job, stats) -> dict of facts about this run's inputs (e.g. skipped media) recorded in
+    run.json whether the stage ran or was cached (`stats` are the run's, or the stored ones).
     """
 
     name: str
@@ -57,7 +58,8 @@ class Stage:
     inputs: Callable[[Job], dict]
     run: Callable[["StageContext"], dict]
     item_kind: str | None = None
-    report: Callable[[Job], dict] | None = None
+    report: Callable[[Job, dict], dict] | None = None
+    check: Callable[[Job, Path], str | None] | None = None
 
 
 @dataclass

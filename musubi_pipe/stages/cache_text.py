@@ -50,6 +50,10 @@ def run(ctx: StageContext) -> dict:
     return {"items_total": len(texts), "items_computed": len(todo)}
 
 
+def check(job: Job, artifact) -> str | None:
+    return common.missing_items(job, KIND, json.loads((artifact / "index.json").read_text()).values())
+
+
 STAGE = Stage(
     name="cache_text",
     version=1,
@@ -58,4 +62,5 @@ STAGE = Stage(
     inputs=inputs,
     run=run,
     item_kind=KIND,
+    check=check,
 )

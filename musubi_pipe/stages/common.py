@@ -36,6 +36,7 @@ def dataset_scan(job: Job):
 
 
 def _scan(job: Job):
+    from musubi_pipe.data.dataset_config import entry_where
     from musubi_pipe.data.sources import scan_dataset
 
     dataset = job.cfg["dataset"]
@@ -45,9 +46,9 @@ def _scan(job: Job):
     items, skips, problems = [], [], []
     geometry = family(job).geometry(model_cfg(job))
     for index, entry in enumerate(dataset["datasets"]):
-        merged = {**general, **entry}
+        merged = {**general, **{key: value for key, value in entry.items() if value is not None}}
         try:
-            found, skipped = scan_dataset(merged, index, geometry.fps, f"dataset.datasets[{index}]",
+            found, skipped = scan_dataset(merged, index, geometry.fps, entry_where(dataset, index),
                                           bucket_step=geometry.pixel_multiple)
         except ConfigError as err:
             problems.extend(err.problems)
@@ -56,11 +57,18 @@ def _scan(job: Job):
         skips.extend(skipped)
     if problems:
         raise ConfigError(problems)
+    if skips and dataset.get("strict"):
+        raise ConfigError([(s.path, f"{s.reason} (dataset.strict=true; set it to false to skip such items)")
+                           for s in skips])
     if not items:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in skips[:5])
         raise ConfigError([("dataset.datasets", f"no usable items ({len(skips)} skipped: {reasons})")])
     for skip in skips:
         log.warning("skipping %s: %s", skip.path, skip.reason)
+    with_controls = sum(1 for item in items if item.controls)
+    if with_controls and not uses_controls(job):
+        log.warning("%d item(s) have control media, but model.task=%s does not train with controls: they are "
+                    "not encoded", with_controls, model_cfg(job).get("task"))
     return items, skips
 
 
@@ -138,10 +146,13 @@ def encoder_document(job: Job, part: str, dtype_key: str) -> dict:
 
 
 def latent_key(job: Job, item) -> str:
-    """Return the content address of an item's latent entry."""
+    """Return the content address of an item's latent entry.
+
+    Control media enter the key only for a task that encodes them (Family.uses_controls).
+    """
     doc = {
         "format": LATENT_FORMAT,
-        "media": job.digests.digest(item.media_path) if os.path.isfile(item.media_path) else _dir_digest(job, item.media_path),
+        "media": media_digest(job, item.media_path),
         "start": item.start,
         "frames": item.frames,
         "bucket": list(item.bucket),
@@ -149,13 +160,21 @@ def latent_key(job: Job, item) -> str:
         "target_fps": item.target_fps,
         "vae": job.cached("vae_doc", lambda: encoder_document(job, "vae", "vae_dtype")),
     }
+    if item.controls and uses_controls(job):
+        doc["controls"] = [[media_digest(job, c), list(b)] for c, b in zip(item.controls, item.control_buckets)]
     return fingerprint(doc)
 
 
-def _dir_digest(job: Job, folder: str) -> str:
-    """Digest of a folder of frame images (a video given as frames)."""
-    names = sorted(os.listdir(folder))
-    return fingerprint([[n, job.digests.digest(os.path.join(folder, n))] for n in names])
+def uses_controls(job: Job) -> bool:
+    return family(job).uses_controls(model_cfg(job))
+
+
+def media_digest(job: Job, path: str) -> str:
+    """Content digest of a media file, or of a folder of frame images (a video given as frames)."""
+    if os.path.isfile(path):
+        return job.digests.digest(path)
+    names = sorted(os.listdir(path))
+    return fingerprint([[n, job.digests.digest(os.path.join(path, n))] for n in names])
 
 
 def text_key(job: Job, text: str) -> str:
@@ -173,8 +192,16 @@ def item_record(item) -> dict:
     record = asdict(item)
     record["bucket"] = list(item.bucket)
     record["source_size"] = list(item.source_size)
+    record["controls"] = list(item.controls)
+    record["control_buckets"] = [list(b) for b in item.control_buckets]
     record["key"] = item.key
     return record
+
+
+def missing_items(job: Job, kind: str, keys) -> str | None:
+    """Why an item index cannot be used: some of its entries are gone from the store (e.g. removed by gc)."""
+    missing = sum(1 for key in set(keys) if not job.store.has_item(kind, key))
+    return f"{missing} cached {kind} item(s) missing from the store" if missing else None
 
 
 def save_item(path, tensors: dict, metadata: dict | None = None) -> None:

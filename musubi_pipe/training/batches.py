@@ -1,6 +1,6 @@
 """Batches of cached items for training, in a data order fixed by (seed, epoch).
 
-Batches never mix datasets, buckets or frame counts; each dataset uses its own batch_size and
+Batches never mix datasets, buckets, frame counts or control sizes (their tensors must stack); each dataset uses its own batch_size and
 num_repeats. An epoch's order is a pure function of (seed, epoch), so a resumed run that knows its
 epoch and position in it continues with exactly the batches an uninterrupted run would see.
 """
@@ -12,12 +12,13 @@ from collections import defaultdict
 
 
 def group_items(index: list[dict], dataset_cfg: dict) -> dict[tuple, list[dict]]:
-    """Group latent-index records by (dataset, bucket, frames), repeated num_repeats times."""
+    """Group latent-index records by (dataset, bucket, frames, control buckets), repeated num_repeats times."""
     general = dataset_cfg.get("general") or {}
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in index:
         entry = {**general, **dataset_cfg["datasets"][record["dataset_index"]]}
-        key = (record["dataset_index"], tuple(record["bucket"]), record["frames"])
+        controls = tuple(tuple(b) for b in record.get("control_buckets", ()))
+        key = (record["dataset_index"], tuple(record["bucket"]), record["frames"], controls)
         groups[key].extend([record] * int(entry.get("num_repeats", 1)))
     return dict(sorted(groups.items()))
 
