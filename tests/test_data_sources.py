@@ -186,3 +186,28 @@ def test_scan_video_directory_with_control_videos(tmp_path):
     assert _names(s.path for s in skips) == ["x.mp4", "y.mp4"]
     assert skips[0].reason.startswith(f"control video {controls / 'x.mp4'}: cannot decode the video")
     assert skips[1].reason.startswith(f"no control video in {controls} (expected y.mp4, a folder y/ of frames")
+
+
+def test_video_folder_problems_and_buckets(tmp_path):
+    frames = np.zeros((9, 40, 72, 3), np.uint8)
+    media.write_mp4(tmp_path / "small.mp4", frames, fps=16)
+    media.write_mp4(tmp_path / "nocap.mp4", frames, fps=16)
+    media.write_png(tmp_path / "fake.png", frames[0])
+    os.rename(tmp_path / "fake.png", tmp_path / "image.mkv")  # a PNG in a video container's name
+    (tmp_path / "audio.webm").write_bytes(b"\x1aE\xdf\xa3 not really matroska")
+    for stem in ("small", "image", "audio"):
+        (tmp_path / f"{stem}.txt").write_text(stem)
+    entry = {"video_directory": str(tmp_path), "resolution": [128, 128], "target_frames": [9],
+             "enable_bucket": True, "bucket_no_upscale": True}
+    items, skips = scan_dataset(entry, 0, 16.0, "d")
+    # bucket_no_upscale means for videos what it means for images: a small clip keeps its size (floored to 16)
+    assert [(i.key, i.bucket) for i in items] == [("small_00000-009_64x32", (64, 32))]
+    reasons = {os.path.basename(s.path): s.reason for s in skips}
+    assert set(reasons) == {"nocap.mp4", "audio.webm", "image.mkv"}
+    assert reasons["nocap.mp4"].startswith("no caption file nocap.txt")
+    assert reasons["audio.webm"].startswith("cannot decode the video")
+    # FFmpeg sniffs the content, not the name: a still image is a one-frame video, too short here
+    assert reasons["image.mkv"].startswith("video has 1 frame(s), fewer than every target_frames value [9]")
+
+    items, _ = scan_dataset({**entry, "bucket_no_upscale": False}, 0, 16.0, "d")
+    assert items[0].bucket == (160, 96)  # upscaled to the closest-ratio bucket of 128x128 area

@@ -55,6 +55,7 @@ def _scan(job: Job):
             continue
         items.extend(found)
         skips.extend(skipped)
+        _log_dataset(entry_where(dataset, index), found, skipped)
     if problems:
         raise ConfigError(problems)
     if skips and dataset.get("strict"):
@@ -70,6 +71,15 @@ def _scan(job: Job):
         log.warning("%d item(s) have control media, but model.task=%s does not train with controls: they are "
                     "not encoded", with_controls, model_cfg(job).get("task"))
     return items, skips
+
+
+def _log_dataset(where: str, items, skips) -> None:
+    """One line per dataset: how many items and skips, and the items per bucket (w x h x frames)."""
+    from collections import Counter
+
+    buckets = Counter(f"{i.bucket[0]}x{i.bucket[1]}x{i.frames}" for i in items)
+    shown = ", ".join(f"{name}: {n}" for name, n in sorted(buckets.items()))
+    log.info("%s: %d item(s), %d skipped; buckets %s", where, len(items), len(skips), shown or "none")
 
 
 def resolve_device(job: Job) -> str:
