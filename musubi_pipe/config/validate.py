@@ -44,6 +44,20 @@ def check_structure(cfg: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def check_training_settings(cfg: dict) -> list[tuple[str, str]]:
+    """Network, optimizer, schedule and timestep settings, checked without torch or the model."""
+    from musubi_pipe.network.settings import network_problems
+    from musubi_pipe.training.optimizers import check_optimizer_config
+    from musubi_pipe.training.schedule import check_scheduler_config
+    from musubi_pipe.training.timestep_spec import check_spec
+
+    train = cfg["training"]
+    max_steps = None if train.get("max_train_epochs") else train["max_train_steps"]
+    problems = network_problems(cfg["network"], "network")
+    problems += check_optimizer_config(cfg["optimizer"]) + check_scheduler_config(cfg["optimizer"], max_steps)
+    return problems + check_spec(train)
+
+
 def read_musubi_config(cfg: dict) -> None:
     """Replace dataset.general/datasets with a musubi-tuner dataset file's, when dataset.musubi_config names one."""
     from musubi_pipe.data.dataset_config import load_musubi_config
@@ -65,6 +79,8 @@ def validate(cfg: dict) -> None:
     """
     read_musubi_config(cfg)
     problems = check_structure(cfg)
+    if not problems:
+        problems = check_training_settings(cfg)
     if problems:
         raise ConfigError(problems)
     prepare_embedded(cfg)

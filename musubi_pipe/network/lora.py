@@ -1,21 +1,45 @@
 """LoRA for Linear layers, sd-scripts/musubi style: `lora_unet_<official name>` modules hooked into the base model's forwards.
 
-The base model is never restructured: each LoRA module swaps its target's `forward` for its own, so the base model's
-module tree and state-dict keys stay those of the checkpoint, and the LoRA state dict is exactly the musubi file format
-(`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`).
+The base model is never restructured: each adapter module swaps its target's `forward` for its own, so the base
+model's module tree and state-dict keys stay those of the checkpoint, and the adapter state dict is exactly the musubi
+file format (`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for LoRA).
+
+`AdapterModule` holds what every adapter type shares (hooking, multiplier, alpha/scale, module dropout);
+`LoRAModule` is the LoRA one and `network.lycoris` adds LoHa and LoKr. `LoRANetwork` is generic over its module
+class: one network type (tie_to, state dict I/O, merge, multiplier) for LoRA, LoHa and LoKr. Used by the trainer
+(`training.loop`), the sample stage and `network.factory`, which builds networks from the `network` config group.
+
+Dropouts (musubi-tuner semantics, only in training mode, drawn from torch's global RNG of the tensors' device):
+- `dropout` (network.network_dropout): "neuron" dropout on the LoRA down-projection output;
+- `rank_dropout`: a per-sample mask over the rank dimension of the down output, rescaled by 1/(1-p);
+- `module_dropout`: skip the whole adapter for one forward with probability p.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from musubi_pipe.network.settings import check_probability
 from musubi_pipe.errors import UserError
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+# A key suffix that only one adapter type writes -> that type (how a file's network type is recognised).
+KIND_MARKERS = {
+    "lora_down.weight": "lora",
+    "lora_up.weight": "lora",
+    "hada_w1_a": "loha",
+    "hada_w1_b": "loha",
+    "lokr_w1": "lokr",
+    "lokr_w2": "lokr",
+    "lokr_w2_a": "lokr",
+}
+KIND_TITLES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 _MAX_LISTED = 10
 
 
@@ -40,43 +64,73 @@ def _example(names: Iterable[str]) -> str:
     return repr(first) if first is not None else "<none: the model has no LoRA targets>"
 
 
-class LoRAModule(nn.Module):
-    """A low-rank update of one nn.Linear: y = org(x) + up(down(x)) * multiplier * alpha / dim."""
+def kinds_in_keys(keys: Iterable[str]) -> set[str]:
+    """The adapter types ("lora", "loha", "lokr") whose marker key suffixes occur among `keys`."""
+    found = set()
+    for key in keys:
+        suffix = key.split(".", 1)[1] if "." in key else ""
+        if suffix in KIND_MARKERS:
+            found.add(KIND_MARKERS[suffix])
+    return found
+
+
+class AdapterModule(nn.Module):
+    """The parts every adapter of one nn.Linear shares: forward hooking, multiplier, alpha/scale, module dropout.
+
+    Subclasses create their parameters, implement `delta_weight()` (float32 ΔW without multiplier) and `forward`,
+    and set KIND (the network_module name) and SUFFIXES (the state-dict key suffixes, for messages).
+    """
+
+    KIND: ClassVar[str] = ""
+    SUFFIXES: ClassVar[tuple[str, ...]] = ()
+    # What a shape mismatch on load probably means, for the error message.
+    SHAPE_HINT: ClassVar[str] = "was it trained with another network_dim or for another model variant?"
 
     def __init__(
         self,
         name: str,
         org_module: nn.Linear,
         lora_dim: int,
-        alpha: float | None = None,
         multiplier: float = 1.0,
         dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
     ):
         super().__init__()
         if not isinstance(org_module, nn.Linear):
-            raise TypeError(f"{name}: LoRA targets must be nn.Linear, got {type(org_module).__name__}")
+            title = KIND_TITLES.get(self.KIND, "adapter")
+            raise TypeError(f"{name}: {title} targets must be nn.Linear, got {type(org_module).__name__}")
         if lora_dim <= 0:
-            raise ValueError(f"{name}: LoRA dim must be positive, got {lora_dim}")
+            raise ValueError(f"{name}: network_dim must be positive, got {lora_dim}")
         self.lora_name = name
         self.lora_dim = lora_dim
-        # Created on the CPU in float32 whatever the base model's device: the initial weights then depend on the seed
-        # only, and the trainer moves/casts the network where it needs it.
-        self.lora_down = nn.Linear(org_module.in_features, lora_dim, bias=False)
-        self.lora_up = nn.Linear(lora_dim, org_module.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        alpha = float(lora_dim) if not alpha else float(alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
-        # A Python float, so that forward never reads the alpha buffer back from the device.
-        self.scale = alpha / lora_dim
         self.multiplier = float(multiplier)
-        self.dropout = dropout
+        self.dropout = check_probability(dropout, "network.network_dropout")
+        self.rank_dropout = check_probability(rank_dropout, "network.rank_dropout")
+        self.module_dropout = check_probability(module_dropout, "network.module_dropout", allow_one=True)
+        self.scale = 1.0
         # Held outside nn.Module's registry: registering it would put the base weights into this module's parameters
         # and state dict.
         object.__setattr__(self, "org_module", org_module)
         self._org_forward = None
         self._had_instance_forward = False
 
+    # -- alpha and scale ------------------------------------------------------------------------
+    def _init_alpha(self, alpha: float | None) -> None:
+        """Register the `alpha` buffer (None or 0 -> alpha = dim) and set `scale` = alpha / dim."""
+        alpha = float(self.lora_dim) if not alpha else float(alpha)
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        self.refresh_scale()
+
+    def refresh_scale(self) -> None:
+        """Recompute `scale` from the alpha buffer (after new weights were loaded into it); alpha 0 means alpha = dim.
+
+        `scale` is a Python float, so that forward never reads the alpha buffer back from the device.
+        """
+        alpha = float(self.alpha)
+        self.scale = (alpha if alpha else self.lora_dim) / self.lora_dim
+
+    # -- hooking ----------------------------------------------------------------------------------
     @property
     def applied(self) -> bool:
         return self._org_forward is not None
@@ -100,10 +154,66 @@ class LoRAModule(nn.Module):
             del self.org_module.__dict__["forward"]
         self._org_forward = None
 
-    def refresh_scale(self) -> None:
-        """Recompute `scale` from the alpha buffer (after new weights were loaded into it); alpha 0 means alpha = dim."""
-        alpha = float(self.alpha)
-        self.scale = (alpha if alpha else self.lora_dim) / self.lora_dim
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base module's own output (also when this module is called without being applied)."""
+        return self._org_forward(x) if self._org_forward is not None else type(self.org_module).forward(self.org_module, x)
+
+    # -- dropout ----------------------------------------------------------------------------------
+    def _module_dropped(self) -> bool:
+        """True when module dropout skips this adapter for the current forward (training mode only)."""
+        return bool(self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout)
+
+    # -- tying ------------------------------------------------------------------------------------
+    def share_from(self, source: "AdapterModule") -> None:
+        """Use `source`'s parameters, buffers and submodules (the same tensors) from now on."""
+        if type(source) is not type(self):
+            raise ValueError(f"{self.lora_name}: cannot tie a {type(self).__name__} to a {type(source).__name__}")
+        for name, child in source.named_children():
+            setattr(self, name, child)
+        for name, param in source.named_parameters(recurse=False):
+            setattr(self, name, param)
+        for name, buf in source.named_buffers(recurse=False):
+            setattr(self, name, buf)
+        self.scale = source.scale
+
+    # -- weights ----------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """The float32 weight update ΔW (scale applied, multiplier not), shaped like the base weight."""
+        raise NotImplementedError
+
+    def _add_delta(self, org: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+        """org + delta * multiplier * scale, rounded once to the base output's dtype.
+
+        The adapter never changes the dtype flowing through the base model.
+        """
+        return org + (delta * (self.multiplier * scale)).to(org.dtype)
+
+
+class LoRAModule(AdapterModule):
+    """A low-rank update of one nn.Linear: y = org(x) + up(down(x)) * multiplier * alpha / dim."""
+
+    KIND = "lora"
+    SUFFIXES = LORA_SUFFIXES
+
+    def __init__(
+        self,
+        name: str,
+        org_module: nn.Linear,
+        lora_dim: int,
+        alpha: float | None = None,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ):
+        super().__init__(name, org_module, lora_dim, multiplier, dropout, rank_dropout, module_dropout)
+        # Created on the CPU in float32 whatever the base model's device: the initial weights then depend on the seed
+        # only, and the trainer moves/casts the network where it needs it.
+        self.lora_down = nn.Linear(org_module.in_features, lora_dim, bias=False)
+        self.lora_up = nn.Linear(lora_dim, org_module.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self._init_alpha(alpha)
 
     def delta_weight(self) -> torch.Tensor:
         """The float32 weight update up @ down * scale (multiplier not applied)."""
@@ -112,17 +222,32 @@ class LoRAModule(nn.Module):
         return (up @ down) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        org = self._org_forward(x)
-        lx = x.to(self.lora_down.weight.dtype)
-        if self.dropout:
-            lx = nn.functional.dropout(lx, p=self.dropout, training=self.training)
-        lx = self.lora_up(self.lora_down(lx))
-        # Back to the base output's dtype, so the LoRA never changes the dtype flowing through the base model.
-        return org + (lx * (self.multiplier * self.scale)).to(org.dtype)
+        org = self._base_forward(x)
+        if self._module_dropped():
+            return org
+        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        scale = self.scale
+        if self.training and self.dropout:
+            lx = F.dropout(lx, p=self.dropout)
+        if self.training and self.rank_dropout:
+            lx = lx * _rank_mask(lx, self.rank_dropout)
+            scale = scale / (1.0 - self.rank_dropout)
+        return self._add_delta(org, self.lora_up(lx), scale)
+
+
+def _rank_mask(lx: torch.Tensor, p: float) -> torch.Tensor:
+    """A keep-mask over the last (rank) dimension of `lx`, drawn per sample (first dimension), as musubi does."""
+    shape = (lx.shape[-1],) if lx.dim() == 1 else (lx.shape[0],) + (1,) * (lx.dim() - 2) + (lx.shape[-1],)
+    return (torch.rand(shape, device=lx.device) > p).to(lx.dtype)
 
 
 class LoRANetwork(nn.Module):
-    """LoRA modules for a set of Linear layers named by their official (checkpoint) module names."""
+    """Adapter modules (LoRA by default, any AdapterModule class) for Linear layers named by their official names.
+
+    `module_class` picks the adapter type; `module_kwargs` are extra constructor arguments for it (LoKr's factor).
+    """
+
+    module_class: ClassVar[type[AdapterModule]] = LoRAModule
 
     def __init__(
         self,
@@ -132,22 +257,43 @@ class LoRANetwork(nn.Module):
         multiplier: float = 1.0,
         prefix: str = "lora_unet",
         dropout: float | None = None,
+        *,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        module_class: type[AdapterModule] | None = None,
+        module_kwargs: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if not targets:
-            raise ValueError("LoRANetwork needs at least one target module")
+            raise ValueError("the network needs at least one target module")
+        if module_class is not None:
+            self.module_class = module_class
+        check_probability(dropout, "network.network_dropout")
+        check_probability(rank_dropout, "network.rank_dropout")
+        check_probability(module_dropout, "network.module_dropout", allow_one=True)
         self.prefix = prefix
+        self.network_dim = network_dim
         # Kept for the reverse mapping: official_name(name, network.official_names, network.prefix).
         self.official_names = list(targets)
-        modules: dict[str, LoRAModule] = {}
+        # Networks sharing this one's weights (tie_to, both directions): their buffers follow every load.
+        self._tied: list[LoRANetwork] = []
+        modules: dict[str, AdapterModule] = {}
         sources: dict[str, str] = {}
         for official, module in targets.items():
             name = lora_name(official, prefix)
             if name in sources:
                 raise ValueError(f"official names {sources[name]!r} and {official!r} both map to {name!r}")
             sources[name] = official
-            modules[name] = LoRAModule(name, module, network_dim, network_alpha, multiplier, dropout)
+            modules[name] = self.module_class(
+                name, module, network_dim, network_alpha, multiplier, dropout,
+                rank_dropout=rank_dropout, module_dropout=module_dropout, **dict(module_kwargs or {}),
+            )  # fmt: skip
         self.loras = nn.ModuleDict(modules)
+
+    @property
+    def kind(self) -> str:
+        """The adapter type: "lora", "loha" or "lokr"."""
+        return self.module_class.KIND
 
     def apply_to(self) -> None:
         for m in self.loras.values():
@@ -162,17 +308,19 @@ class LoRANetwork(nn.Module):
             m.multiplier = float(multiplier)
 
     def tie_to(self, other: "LoRANetwork") -> None:
-        """Share `other`'s LoRA weights: each network then applies the same LoRA to its own base modules.
+        """Share `other`'s adapter weights: each network then applies the same adapter to its own base modules.
 
         Used for one LoRA trained on several DiTs with the same module names (Wan2.2's two experts).
         """
+        if self.module_class is not other.module_class:
+            raise ValueError(f"cannot tie a {self.kind} network to a {other.kind} network")
         if set(self.loras) != set(other.loras):
-            raise ValueError("tied LoRA networks must have the same module names")
+            raise ValueError("tied networks must have the same module names")
         for name, module in self.loras.items():
-            source = other.loras[name]
-            module.lora_down, module.lora_up = source.lora_down, source.lora_up
-            module.alpha = source.alpha
-            module.scale = source.scale
+            module.share_from(other.loras[name])
+        group = {id(n): n for n in [self, other, *self._tied, *other._tied]}
+        for network in group.values():
+            network._tied = [n for n in group.values() if n is not network]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.loras.parameters() if p.requires_grad]
@@ -189,20 +337,37 @@ class LoRANetwork(nn.Module):
         unknown = sorted(set(sd) - set(own))
         missing = sorted(set(own) - set(sd))
         if unknown or missing:
-            raise UserError(_key_mismatch_message(source, unknown, missing, next(iter(self.loras))))
+            raise UserError(_key_mismatch_message(self, source, unknown, missing, sd))
         for key, value in sd.items():
             if tuple(value.shape) != tuple(own[key].shape):
                 raise UserError(
                     f"{source}: {key} has shape {list(value.shape)}, the network expects {list(own[key].shape)} "
-                    "(was it trained with another network_dim or for another model variant?)"
+                    f"({self.module_class.SHAPE_HINT})"
                 )
         self.loras.load_state_dict(dict(sd), strict=True)
         for m in self.loras.values():
             m.refresh_scale()
+        self._sync_tied()
+
+    @torch.no_grad()
+    def _sync_tied(self) -> None:
+        """Copy this network's buffers (alpha) and scales into the networks tied to it.
+
+        Parameters are shared objects, but `Module.to()` replaces buffers per module, so tied buffers may have
+        become separate tensors.
+        """
+        for other in self._tied:
+            for name, module in self.loras.items():
+                twin = other.loras[name]
+                twin_buffers = dict(twin.named_buffers())
+                for buf_name, buf in module.named_buffers():
+                    if twin_buffers[buf_name] is not buf:
+                        twin_buffers[buf_name].copy_(buf)
+                twin.scale = module.scale
 
     @torch.no_grad()
     def merge_into_base(self, multiplier: float = 1.0) -> None:
-        """Add every LoRA update into its base weight (in the base weight's dtype) and restore the base forwards."""
+        """Add every adapter update into its base weight (in the base weight's dtype) and restore the base forwards."""
         self.restore()
         for m in self.loras.values():
             weight = m.org_module.weight
@@ -210,12 +375,27 @@ class LoRANetwork(nn.Module):
             weight.copy_(merged.to(weight.dtype))
 
 
-def _key_mismatch_message(source: str, unknown: list[str], missing: list[str], example: str) -> str:
-    lines = [f"{source} does not match the LoRA network:"]
+def _key_mismatch_message(
+    network: LoRANetwork, source: str, unknown: list[str], missing: list[str], sd: Mapping[str, torch.Tensor]
+) -> str:
+    """Explain a key mismatch on load: the keys at fault, the file's network type if it differs, the expected keys."""
+    title = KIND_TITLES.get(network.kind, network.kind)
+    lines = [f"{source} does not match the {title} network:"]
     for label, keys in (("unexpected keys", unknown), ("missing keys", missing)):
         if keys:
             more = f" (and {len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
             lines.append(f"  {len(keys)} {label}: {', '.join(keys[:_MAX_LISTED])}{more}")
-    suffixes = ", ".join(f"{example}.{s}" for s in LORA_SUFFIXES)
-    lines.append(f"  expected the musubi/sd-scripts format, three keys per module, e.g. {suffixes}")
+    file_kinds = kinds_in_keys(sd)
+    if file_kinds and file_kinds != {network.kind}:
+        names = " + ".join(KIND_TITLES[k] for k in sorted(file_kinds))
+        lines.append(
+            f"  the file holds {names} weights but the network is {title}: set network.network_module to "
+            f"{sorted(file_kinds)[0]!r} to load it"
+        )
+    example = next(iter(network.loras))
+    own_keys = [k for k in network.loras.state_dict() if k.startswith(example + ".")]
+    lines.append(
+        f"  expected the musubi/sd-scripts {title} format ({', '.join(network.module_class.SUFFIXES)} per module), "
+        f"e.g. {', '.join(own_keys)}"
+    )
     return "\n".join(lines)

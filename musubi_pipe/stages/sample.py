@@ -161,7 +161,7 @@ def run(ctx: StageContext) -> dict:
 def _load_experts(family, model, experts, device, dtype, offload, train_dir, lora_experts, multiplier):
     """Load every expert's DiT, each with the LoRA the train stage made for it; return (ExpertDits, networks)."""
     from musubi_pipe.models.experts import ExpertDits
-    from musubi_pipe.network.lora import LoRANetwork
+    from musubi_pipe.network.factory import network_from_weights
     from musubi_pipe.network.lora_file import load_lora_file
 
     dits, networks = {}, []
@@ -169,10 +169,9 @@ def _load_experts(family, model, experts, device, dtype, offload, train_dir, lor
         dit = family.load_dit(model, "cpu" if offload and len(experts) > 1 else device, dtype, expert=expert.name)
         dits[expert.name] = dit
         if expert.name in lora_experts:
-            tensors, _ = load_lora_file(train_dir / lora_experts[expert.name])
-            rank = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight"))
-            network = LoRANetwork(family.lora_targets(dit), rank, None, multiplier=multiplier)
-            network.load_lora_state_dict(tensors)
+            path = train_dir / lora_experts[expert.name]
+            tensors, _ = load_lora_file(path)
+            network = network_from_weights(family.lora_targets(dit), tensors, multiplier=multiplier, source=str(path))
             network.to(device)
             network.apply_to()
             networks.append(network)

@@ -53,7 +53,6 @@ def _network_weights_digest(job: Job):
 def run(ctx: StageContext) -> dict:
     from safetensors.torch import load_file
 
-    from musubi_pipe.network.lora_file import save_lora_file
     from musubi_pipe.training.loop import Trainer
 
     job, cfg = ctx.job, ctx.cfg
@@ -75,22 +74,17 @@ def run(ctx: StageContext) -> dict:
         device=device,
         dit_dtype=dit_dtype,
         progress=ctx.runtime.get("progress", True),
+        on_checkpoint=lambda trainer, label: _save_loras(ctx, trainer, train_cfg, _intermediate_dir(ctx), label),
     )
     trainer.setup()
+    outputs = {"timesteps": [_plot_timesteps(ctx, trainer).name]} if train_cfg.get("show_timesteps") else {}
     trainer.train()
-    name = cfg["training"]["output_name"]
-    files, lora_experts = [], {}
-    for suffix, network in trainer.networks.items():
-        lora_file = ctx.out_dir / (f"{name}_{suffix}.safetensors" if suffix else f"{name}.safetensors")
-        metadata = _metadata(ctx, family, trainer, train_cfg, suffix)
-        save_lora_file(lora_file, network.lora_state_dict(common.torch_dtype(cfg["network"]["save_dtype"])), metadata)
-        files.append(lora_file.name)
-        for expert in trainer.experts:
-            if not suffix or suffix == expert.name:
-                lora_experts[expert.name] = lora_file.name
+    lora_experts = _save_loras(ctx, trainer, train_cfg, ctx.out_dir)
+    outputs |= {"lora": sorted(set(lora_experts.values())),
+                "lora_checkpoints": _publish_intermediate(ctx, cfg["training"].get("save_last_n"))}
     trainer.cleanup()
     return {
-        "outputs": {"lora": files},
+        "outputs": outputs,
         "lora_experts": lora_experts,
         "expert_steps": trainer.expert_steps,
         "steps": trainer.step,
@@ -101,29 +95,103 @@ def run(ctx: StageContext) -> dict:
     }
 
 
+def _plot_timesteps(ctx: StageContext, trainer):
+    """training.show_timesteps: timesteps.png, the sampled t and loss weights at the first item's latent size."""
+    from safetensors.torch import load_file
+
+    from musubi_pipe.training.show_timesteps import write_timestep_plot
+
+    latent_hw = tuple(load_file(str(trainer.latent_path(trainer.latents_index[0])))["latents"].shape[-2:])
+    return write_timestep_plot(trainer.timestep_spec, latent_hw, ctx.out_dir / "timesteps.png")
+
+
+def _save_loras(ctx: StageContext, trainer, train_cfg: dict, folder, label: str = "") -> dict[str, str]:
+    """Write the trainer's LoRA file(s) into `folder`; return {expert name: file name} ("" for one DiT).
+
+    Names are musubi-tuner's: `<output_name>[_<expert>][-<label>].safetensors`, label e.g. "step00000200".
+    """
+    from musubi_pipe.network.lora_file import save_lora_file
+
+    name, family = ctx.cfg["training"]["output_name"], common.family(ctx.job)
+    dtype = common.torch_dtype(ctx.cfg["network"]["save_dtype"])
+    lora_experts = {}
+    for suffix, network in trainer.networks.items():
+        stem = f"{name}_{suffix}" if suffix else name
+        lora_file = folder / (f"{stem}-{label}.safetensors" if label else f"{stem}.safetensors")
+        save_lora_file(lora_file, network.lora_state_dict(dtype), _metadata(ctx, family, trainer, train_cfg, suffix))
+        for expert in trainer.experts:
+            if not suffix or suffix == expert.name:
+                lora_experts[expert.name] = lora_file.name
+    return lora_experts
+
+
+def _intermediate_dir(ctx: StageContext):
+    return ctx.partial_dir() / "loras"
+
+
+def _publish_intermediate(ctx: StageContext, keep_last: int | None) -> list[str]:
+    """Copy the intermediate LoRA files of the newest `keep_last` checkpoints (all when None) into the artifact."""
+    import shutil
+
+    from safetensors import safe_open
+
+    folder = _intermediate_dir(ctx)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    step_of = {}  # label -> the training step it was saved at (ss_steps), to order step and epoch labels together
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            step_of[f.stem.rsplit("-", 1)[1]] = int(handle.metadata()["ss_steps"])
+    labels = sorted(step_of, key=step_of.get)
+    kept = set(labels[-keep_last:] if keep_last else labels)
+    published = []
+    for f in files:
+        if f.stem.rsplit("-", 1)[1] in kept:
+            shutil.copy2(f, ctx.out_dir / f.name)
+            published.append(f.name)
+    return published
+
+
+# training keys recorded as ss_<key> metadata, as musubi-tuner writes them
+METADATA_TRAINING_KEYS = ("timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "weighting_scheme", "logit_mean",
+                          "logit_std", "mode_scale", "gradient_accumulation_steps", "max_train_steps")
+METADATA_NETWORK_KEYS = ("network_dropout", "rank_dropout", "module_dropout", "include_patterns", "exclude_patterns",
+                         "loraplus_lr_ratio", "lokr_factor")
+
+
 def _metadata(ctx: StageContext, family, trainer, train_cfg: dict, suffix: str) -> dict:
+    from musubi_pipe.network.factory import network_module_name
     from musubi_pipe.network.lora_file import build_metadata
+    from musubi_pipe.training.optimizers import describe_optimizer
 
     cfg, job = ctx.cfg, ctx.job
-    net, name = cfg["network"], cfg["training"]["output_name"]
+    net, opt, name = cfg["network"], cfg["optimizer"], cfg["training"]["output_name"]
     experts = [e for e in trainer.experts if not suffix or e.name == suffix]
-    extra = {
+    extra = {f"ss_{key}": train_cfg.get(key) for key in METADATA_TRAINING_KEYS}
+    extra |= {
         "ss_training_fingerprint": ctx.fingerprint,
-        "ss_timestep_sampling": train_cfg["timestep_sampling"],
-        "ss_discrete_flow_shift": train_cfg["discrete_flow_shift"],
         "ss_mixed_precision": train_cfg["mixed_precision"],
+        "ss_gradient_checkpointing": bool(job.cfg["memory"].get("gradient_checkpointing")),
+        "ss_optimizer": describe_optimizer(trainer.optimizer),
+        "ss_lr_scheduler": opt["lr_scheduler"],
+        "ss_lr_warmup_steps": opt["lr_warmup_steps"],
+        "ss_max_grad_norm": opt["max_grad_norm"],
+        "ss_num_epochs": trainer.epoch + 1,
+        "ss_network_args": json.dumps({k: net.get(k) for k in METADATA_NETWORK_KEYS if net.get(k) not in (None, [], -1)}),
     }
+    # the t range this file was trained on: min/max_timestep, narrowed to the expert(s) of a Wan2.2 A14B file
+    low = max(min(e.t_min for e in experts) * 1000, train_cfg.get("min_timestep", 0))
+    high = min(max(e.t_max for e in experts) * 1000, train_cfg.get("max_timestep", 1000))
+    if (low, high) != (0, 1000):
+        extra["ss_min_timestep"], extra["ss_max_timestep"] = round(low), round(high)
+        extra["modelspec.timestep_range"] = f"{round(low)},{round(high)}"
     if any(e.name for e in experts):
-        # which expert(s) of a two-expert model (Wan2.2 A14B) this file is for, and their t range
         extra["ss_experts"] = ",".join(e.name for e in experts)
-        extra["ss_min_timestep"] = round(min(e.t_min for e in experts) * 1000)
-        extra["ss_max_timestep"] = round(max(e.t_max for e in experts) * 1000)
     model = common.model_cfg(job)
     base = model.get("dit_high_noise") if suffix == "high_noise" else model.get("dit")
     return build_metadata(
         arch=family.name,
         modelspec_arch=family.modelspec_arch,
-        network_module=f"networks.lora_{family.name}",
+        network_module=network_module_name(net["network_module"], family.name),
         network_dim=net["network_dim"],
         network_alpha=net["network_alpha"],
         base_model=base,
@@ -138,7 +206,7 @@ def _metadata(ctx: StageContext, family, trainer, train_cfg: dict, suffix: str) 
 
 STAGE = Stage(
     name="train",
-    version=1,
+    version=2,
     upstream=("cache_latents", "cache_text"),
     keys=KEYS,
     inputs=inputs,

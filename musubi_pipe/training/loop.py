@@ -20,18 +20,19 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from musubi_pipe.network.factory import build_network, param_groups
 from musubi_pipe.network.lora import LoRANetwork
 from musubi_pipe.network.lora_file import load_lora_file
 from musubi_pipe.training import checkpoint as ckpt
 from musubi_pipe.training.batches import epoch_batches, group_items
+from musubi_pipe.training.optimizers import build_optimizer
 from musubi_pipe.training.schedule import build_scheduler
 from musubi_pipe.models.base import route
 from musubi_pipe.models.experts import ExpertDits
-from musubi_pipe.training.timesteps import sample_t_in
+from musubi_pipe.training.timesteps import TimestepSpec, loss_weights, sample_timesteps, weighted_mse
 
 log = logging.getLogger("musubi_pipe")
 
@@ -43,8 +44,12 @@ class Trainer:
     `latent_path(record)` gives a latent entry's file, `text_entry(caption)` its embedding tensor.
     """
 
-    def __init__(self, *, family, model_cfg, cfg, latents_index, latent_path, text_entry, checkpoint_dir: Path, device, dit_dtype, progress=True):
+    def __init__(self, *, family, model_cfg, cfg, latents_index, latent_path, text_entry, checkpoint_dir: Path, device,
+                 dit_dtype, progress=True, on_checkpoint=None):
         self.family, self.model_cfg, self.cfg = family, model_cfg, cfg
+        # on_checkpoint(trainer, label): called at each checkpoint, before it is written, e.g. to write an
+        # intermediate LoRA file; label is musubi-tuner's file suffix, "step00000200" or "000002" (epoch 2)
+        self.on_checkpoint = on_checkpoint
         self.latents_index, self.latent_path, self.text_entry = latents_index, latent_path, text_entry
         self.checkpoint_dir, self.device, self.dit_dtype, self.progress = checkpoint_dir, device, dit_dtype, progress
         self.step, self.epoch, self.position, self.losses = 0, 0, 0, []
@@ -70,7 +75,7 @@ class Trainer:
         # {file name suffix: network}: one entry per trained LoRA file ("" = no suffix)
         self.networks: dict[str, LoRANetwork] = {}
         for expert in self.experts:
-            network = LoRANetwork(self.family.lora_targets(self.dits[expert.name]), net["network_dim"], net["network_alpha"])
+            network = build_network(self.family.lora_targets(self.dits[expert.name]), net)
             if shared and self.networks:
                 network.tie_to(self.networks[""])
             self.networks.setdefault("" if shared else expert.name, network)
@@ -82,10 +87,8 @@ class Trainer:
         for network in self._expert_networks.values():
             network.to(self.device, torch.float32)
             network.apply_to()
-        self.optimizer = torch.optim.AdamW(
-            self.trainable_parameters(),
-            lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], weight_decay=opt["weight_decay"],
-        )
+        groups = param_groups(list(self.networks.values()), opt["lr"], net.get("loraplus_lr_ratio"))
+        self.optimizer = build_optimizer(groups, opt)
         self.groups = group_items(self.latents_index, self.cfg["dataset"])
         self.batches_per_epoch = len(epoch_batches(self.groups, self.cfg["dataset"], train["seed"], 0))
         accum = train["gradient_accumulation_steps"]
@@ -95,6 +98,7 @@ class Trainer:
             self.max_steps = train["max_train_steps"]
         self.scheduler = build_scheduler(self.optimizer, opt, self.max_steps)
         self.generator = torch.Generator().manual_seed(train["seed"])
+        self.timestep_spec = TimestepSpec.from_config(train)
         self.autocast = _autocast(self.device, train["mixed_precision"])
         latest = ckpt.complete_checkpoints(self.checkpoint_dir)
         if latest:
@@ -113,7 +117,7 @@ class Trainer:
     # -- train -------------------------------------------------------------------------------
     def train(self) -> None:
         train = self.cfg["training"]
-        accum, every = train["gradient_accumulation_steps"], train["save_every_n_steps"]
+        accum = train["gradient_accumulation_steps"]
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not self.progress)
         for dit in self.dits.values():
             dit.train()
@@ -132,11 +136,23 @@ class Trainer:
             self.losses.append(total)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", epoch=self.epoch)
-            if every > 0 and self.step % every == 0 and self.step < self.max_steps:
-                self.save_checkpoint()
+            label = self.checkpoint_label()
+            if label and self.step < self.max_steps:
+                self.save_checkpoint(label)
         bar.close()
         for dit in self.dits.values():
             dit.eval()
+
+    def checkpoint_label(self) -> str | None:
+        """Whether the step just taken ends a save period: "000002" when it completed the 2nd epoch and
+        training.save_every_n_epochs divides 2, "step00000200" for save_every_n_steps, else None."""
+        train = self.cfg["training"]
+        every_epochs, every_steps = train.get("save_every_n_epochs"), train.get("save_every_n_steps")
+        if every_epochs and self.position >= len(self.epoch_order()) and (self.epoch + 1) % every_epochs == 0:
+            return f"{self.epoch + 1:06d}"
+        if every_steps and self.step % every_steps == 0:
+            return f"step{self.step:08d}"
+        return None
 
     def next_batch(self) -> list[dict]:
         """Return the next batch of the data order, moving to the next epoch when one ends."""
@@ -153,16 +169,14 @@ class Trainer:
             self._order_epoch = self.epoch
         return self._order
 
-    def sample_timesteps(self, n: int):
+    def sample_timesteps(self, n: int, latent_hw: tuple[int, int]):
         """Return (expert, t [n]) for one batch: t in the trained experts' range, all items on one expert."""
-        train = self.cfg["training"]
-        kwargs = dict(shift=train["discrete_flow_shift"], sigmoid_scale=train["sigmoid_scale"], generator=self.generator)
         low, high = _span(self.experts)
-        t = sample_t_in(n, train["timestep_sampling"], low, high, **kwargs)
+        t = sample_timesteps(n, self.timestep_spec, latent_hw, self.generator, low, high)
         expert = route(self.experts, float(t[0]))
         if len(self.experts) > 1 and n > 1:
             low, high = _span([expert])
-            t = torch.cat([t[:1], sample_t_in(n - 1, train["timestep_sampling"], low, high, **kwargs)])
+            t = torch.cat([t[:1], sample_timesteps(n - 1, self.timestep_spec, latent_hw, self.generator, low, high)])
         return expert, t
 
     def training_loss(self, batch: list[dict]) -> torch.Tensor:
@@ -171,22 +185,29 @@ class Trainer:
         cached = {k: torch.stack([e[k] for e in entries]) for k in entries[0] if k != "latents"}
         embeds = [self.text_entry(r["caption"]).to(self.device, self.dit_dtype) for r in batch]
         noise = torch.randn(latents.shape, generator=self.generator)
-        expert, t = self.sample_timesteps(len(batch))
+        expert, t = self.sample_timesteps(len(batch), tuple(latents.shape[-2:]))
         inputs = self.family.training_inputs(self.model_cfg, latents, noise, t, cached, self.generator)
         dit = self.dits.get(expert.name)
         self.expert_steps[expert.name] = self.expert_steps.get(expert.name, 0) + 1
         cond = {k: v.to(self.device) for k, v in inputs.cond.items()}  # predict casts them for the model
         with self.autocast:
             pred = self.family.predict(dit, inputs.noisy.to(self.device, self.dit_dtype), inputs.timesteps.to(self.device), embeds, cond)
-        return _masked_mse(pred.float(), inputs.target.to(self.device).float(), inputs.mask)
+        weights = loss_weights(t, self.timestep_spec)
+        return weighted_mse(pred.float(), inputs.target.to(self.device).float(),
+                            None if weights is None else weights.to(self.device), inputs.mask)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, label: str) -> None:
+        """Write the LoRA of this step (through on_checkpoint), then the resumable state: a run killed in
+        between resumes from the previous state and writes the same file again."""
+        if self.on_checkpoint:
+            self.on_checkpoint(self, label)
         ckpt.save_checkpoint(
             self.checkpoint_dir, self.step,
             network_state=self.network_state(),
             optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator,
             state={"epoch": self.epoch, "position": self.position, "losses": self.losses, "expert_steps": self.expert_steps},
+            keep=self.cfg["training"].get("save_last_n_states") or 1,
         )
 
     def load_checkpoint(self, path: Path) -> None:
@@ -232,13 +253,6 @@ def _span(experts: list) -> tuple[float, float]:
     low = min(e.t_min for e in experts)
     top = max(e.t_max for e in experts)
     return low, (1.0 if top >= 1.0 else math.nextafter(top, 0.0))
-
-
-def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask) -> torch.Tensor:
-    if mask is None:
-        return F.mse_loss(pred, target)
-    weight = mask.to(pred.device, pred.dtype).expand_as(pred)
-    return ((pred - target) ** 2 * weight).sum() / weight.sum()
 
 
 def _autocast(device: str, mixed_precision: str):

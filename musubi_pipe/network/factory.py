@@ -1,0 +1,189 @@
+"""Build the trained network from the `network` config group; recognise a file's network type; LoRA+ param groups.
+
+`build_network(targets, net_cfg)` is what the trainer calls: it applies the include/exclude rule of
+`network.targets.select_targets` to the architecture's LoRA targets and builds a LoRA, LoHa or LoKr network
+(`network.network_module`). `network_kind_of(tensors)` tells which of the three a file holds (for
+`network.network_weights`, sampling and tools), `network_from_weights` rebuilds a network from a file alone,
+`network_module_name` gives musubi-tuner's `ss_network_module` value, and `param_groups` the optimizer groups
+(LoRA+: `lora_up` weights get lr × loraplus_lr_ratio).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from musubi_pipe.errors import ConfigError, UserError
+from musubi_pipe.network.lora import KIND_TITLES, LoRANetwork, kinds_in_keys, lora_name
+from musubi_pipe.network.lycoris import LoHaNetwork, LoKrNetwork, factorization
+from musubi_pipe.network.settings import (
+    MUSUBI_LORA_MODULES,
+    NETWORK_MODULES,
+    network_problems,
+    with_defaults,
+)
+from musubi_pipe.network.targets import select_targets
+
+log = logging.getLogger("musubi_pipe")
+
+NETWORK_CLASSES: dict[str, type[LoRANetwork]] = {"lora": LoRANetwork, "loha": LoHaNetwork, "lokr": LoKrNetwork}
+
+
+def build_network(
+    targets: Mapping[str, nn.Linear], net_cfg: Mapping[str, Any], *, multiplier: float = 1.0, where: str = "network"
+) -> LoRANetwork:
+    """Select the targets (include/exclude patterns) and build the network that `net_cfg` describes.
+
+    `targets` are the architecture's LoRA targets by official module path; `net_cfg` the `network` group (missing keys
+    take settings.NETWORK_DEFAULTS); `where` prefixes config keys in error messages.
+    """
+    cfg = with_defaults(net_cfg)
+    _validate(cfg, where)
+    selected = select_targets(targets, cfg["include_patterns"] or [], cfg["exclude_patterns"] or [], where=where)
+    kind = cfg["network_module"]
+    kwargs: dict[str, Any] = {"rank_dropout": cfg["rank_dropout"], "module_dropout": cfg["module_dropout"]}
+    if kind == "lokr":
+        kwargs["factor"] = int(cfg["lokr_factor"])
+    network = NETWORK_CLASSES[kind](
+        selected, int(cfg["network_dim"]), cfg["network_alpha"], multiplier, dropout=cfg["network_dropout"], **kwargs
+    )
+    if cfg["loraplus_lr_ratio"] is not None and kind != "lora":
+        _warn_loraplus(kind)
+    return network
+
+
+def _validate(cfg: Mapping[str, Any], where: str) -> None:
+    """Raise one ConfigError listing every bad value among the keys build_network reads."""
+    problems = network_problems(cfg, where)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _warn_loraplus(kind: str) -> None:
+    log.warning(
+        "network.loraplus_lr_ratio has no effect on %s (LoRA+ scales the lora_up weights of a LoRA); "
+        "all parameters use the base learning rate", KIND_TITLES[kind],
+    )
+
+
+def param_groups(
+    networks: LoRANetwork | Iterable[LoRANetwork], lr: float, loraplus_lr_ratio: float | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for one network or several (tied ones): each trainable parameter exactly once.
+
+    Without a ratio: one group "default". With a ratio (LoRA): "lora_down" (everything but lora_up, lr) and
+    "lora_up" (lr × ratio); for LoHa/LoKr a warning and the single "default" group. Groups carry a "name" key.
+    """
+    networks = [networks] if isinstance(networks, LoRANetwork) else list(networks)
+    named, seen = [], set()
+    for network in networks:
+        for name, param in network.named_parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                named.append((name, param))
+    if loraplus_lr_ratio is None or not named:
+        return [{"name": "default", "params": [p for _, p in named], "lr": lr}]
+    non_lora = sorted({n.kind for n in networks if n.kind != "lora"})
+    if non_lora:
+        _warn_loraplus(non_lora[0])
+        return [{"name": "default", "params": [p for _, p in named], "lr": lr}]
+    down = [p for n, p in named if "lora_up" not in n]
+    up = [p for n, p in named if "lora_up" in n]
+    groups = [
+        {"name": "lora_down", "params": down, "lr": lr},
+        {"name": "lora_up", "params": up, "lr": lr * loraplus_lr_ratio},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def network_kind_of(tensors: Mapping[str, torch.Tensor], source: str = "network weights") -> str:
+    """"lora", "loha" or "lokr": the network type whose keys `tensors` (a LoRA file's contents) hold.
+
+    Raises UserError for a file with no recognisable adapter keys or a mix of types.
+    """
+    kinds = kinds_in_keys(tensors)
+    if len(kinds) == 1:
+        return kinds.pop()
+    if kinds:
+        mixed = " and ".join(KIND_TITLES[k] for k in sorted(kinds))
+        raise UserError(f"{source}: mixes {mixed} keys; one file holds one network type")
+    sample = ", ".join(list(tensors)[:3]) or "<no tensors>"
+    raise UserError(
+        f"{source}: no LoRA/LoHa/LoKr keys found (keys like {sample}); expected musubi/sd-scripts keys such as "
+        "lora_unet_<module>.lora_down.weight, .hada_w1_a or .lokr_w1"
+    )
+
+
+def network_module_name(kind: str, arch: str) -> str:
+    """musubi-tuner's `ss_network_module` for a network type on an architecture ("networks.lora_wan", "networks.loha")."""
+    if kind not in NETWORK_MODULES:
+        raise ValueError(f"unknown network type {kind!r}; expected one of {NETWORK_MODULES}")
+    if kind != "lora":
+        return f"networks.{kind}"
+    return MUSUBI_LORA_MODULES.get(arch, f"networks.lora_{arch}")
+
+
+def network_from_weights(
+    targets: Mapping[str, nn.Linear],
+    tensors: Mapping[str, torch.Tensor],
+    multiplier: float = 1.0,
+    source: str = "network weights",
+    prefix: str = "lora_unet",
+) -> LoRANetwork:
+    """Build the network a file describes (type, rank, LoKr factor, module set, from the tensors alone) and load it.
+
+    Only the targets the file names are adapted (it may have been trained with include/exclude patterns); a file
+    module that is not among `targets` is an error.
+    """
+    kind = network_kind_of(tensors, source)
+    stems = {key.split(".", 1)[0] for key in tensors}
+    by_name = {lora_name(o, prefix): o for o in targets}
+    unknown = sorted(stems - set(by_name))
+    if unknown:
+        raise UserError(
+            f"{source}: {len(unknown)} module(s) match no LoRA target of the model, e.g. {unknown[0]!r} "
+            f"(targets look like {next(iter(by_name), '<none>')!r}); was it trained for another model or variant?"
+        )
+    selected = {o: m for o, m in targets.items() if lora_name(o, prefix) in stems}
+    kwargs: dict[str, Any] = {}
+    if kind == "lokr":
+        kwargs["factor"] = _lokr_factor_of(selected, tensors, prefix, source)
+    dim = _dim_of(kind, tensors)
+    network = NETWORK_CLASSES[kind](selected, dim, None, multiplier, prefix, **kwargs)
+    network.load_lora_state_dict(tensors, source=source)
+    return network
+
+
+def _dim_of(kind: str, tensors: Mapping[str, torch.Tensor]) -> int:
+    """The rank of a file's network (for a LoKr whose W2 are all full: its alpha, which LoKr sets to the rank)."""
+    for key, value in tensors.items():
+        if kind == "lora" and key.endswith(".lora_down.weight"):
+            return int(value.shape[0])
+        if kind == "loha" and key.endswith(".hada_w1_b"):
+            return int(value.shape[0])
+        if kind == "lokr" and key.endswith(".lokr_w2_b"):
+            return int(value.shape[0])
+    alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
+    return max(1, int(round(max(alphas)))) if alphas else 1
+
+
+def _lokr_factor_of(targets: Mapping[str, nn.Linear], tensors: Mapping[str, torch.Tensor], prefix: str, source: str) -> int:
+    """The `lokr_factor` under which every lokr_w1 of the file has the shape LoKr gives it."""
+    keys = {o: f"{lora_name(o, prefix)}.lokr_w1" for o in targets}
+    shapes = {o: tuple(tensors[key].shape) for o, key in keys.items() if key in tensors}
+    candidates = [-1] + sorted({d for shape in shapes.values() for d in shape})
+
+    def fits(factor: int) -> bool:
+        return all(
+            (factorization(targets[o].out_features, factor)[0], factorization(targets[o].in_features, factor)[0]) == shape
+            for o, shape in shapes.items()
+        )
+
+    for factor in candidates:
+        if fits(factor):
+            return factor
+    raise UserError(f"{source}: the lokr_w1 shapes match no LoKr factorization of the model's layers (another model?)")
