@@ -15,6 +15,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from musubi_pipe.config.validate import validate
+from musubi_pipe.errors import UserError
+from musubi_pipe.pipeline.distributed import current
 from musubi_pipe.pipeline.executor import execute, format_plan, plan
 from musubi_pipe.pipeline.fingerprint import DigestCache
 from musubi_pipe.pipeline.stage import Job
@@ -36,37 +38,66 @@ def run(cfg: DictConfig | dict, run_dir: str | os.PathLike) -> dict:
     from musubi_pipe.stages import all_stages
 
     started = time.time()
+    dist = current()
     container = cfg if isinstance(cfg, dict) else resolve(cfg)
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, container)
-    validate(container)
-    _write_config(run_dir, container)  # validation reads a musubi-tuner dataset file into the config
+    run_dir = Path(dist.broadcast(str(Path(run_dir).resolve())))  # one run directory, the main process's
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir, container)
+    # the main process first: it builds embedded assets (demo data, tiny models) the others then read
+    _main_first(dist, lambda: validate(container))
+    if dist.main:
+        _write_config(run_dir, container)  # validation reads a musubi-tuner dataset file into the config
     store = Store(container["paths"]["cache"])
     digests = DigestCache(store.root / "digests.json")
-    job = Job(cfg=container, store=store, digests=digests, run_dir=run_dir)
+    job = Job(cfg=container, store=store, digests=digests, run_dir=run_dir, dist=dist)
     if container["dataset"]["preview"]:
-        return _preview(job, started)
+        return _preview(job, started) if dist.main else {}
     pipeline = container["pipeline"]
     planned = plan(job, all_stages(), pipeline["stages"], mode=pipeline["mode"], verify=pipeline["verify"])
+    for p, cached in zip(planned, dist.broadcast([p.cached for p in planned])):
+        p.cached = cached  # every process must make the same decisions
     digests.save()
-    print(f"plan ({run_dir.name}):\n{format_plan(planned)}", flush=True)
+    if dist.main:
+        print(f"plan ({run_dir.name}):\n{format_plan(planned)}", flush=True)
     record = _header(job, started, dry_run=bool(pipeline["dry_run"]))
     if pipeline["dry_run"]:
         record["plan"] = [
             {"name": p.stage.name, "selected": p.selected, "cached": p.cached, "fingerprint": p.fingerprint, "reason": p.reason}
             for p in planned
         ]
-        _write_record(run_dir, record)
+        _write_record(job, record)
         return record
-    record["stages"] = execute(job, planned, mode=pipeline["mode"], verify=pipeline["verify"], on_stage=_announce)
+    record["stages"] = execute(job, planned, mode=pipeline["mode"], verify=pipeline["verify"],
+                               on_stage=_announce if dist.main else None)
+    if not dist.main:
+        return record
     record.update(_collect_outputs(record["stages"], run_dir))
     record["seconds"] = round(time.time() - started, 3)
-    _write_record(run_dir, record)
+    _write_record(job, record)
     for kind in ("lora", "samples"):
         for path in record[kind]:
             print(f"{kind}: {path}")
     return record
+
+
+def _main_first(dist, action) -> None:
+    """Run `action` on the main process, then on the others (which stop too if it failed there)."""
+    if not dist.active:
+        action()
+        return
+    failed = False
+    if dist.main:
+        try:
+            action()
+        except BaseException:
+            dist.broadcast(True)
+            raise
+    failed = dist.broadcast(failed)
+    if failed:
+        raise UserError("the main process stopped (its output says why)")
+    if not dist.main:
+        action()
 
 
 def _write_config(run_dir: Path, container: dict) -> None:
@@ -95,7 +126,7 @@ def _preview(job: Job, started: float) -> dict:
     record["preview"] = {key: [str(p) for p in value] if isinstance(value, list) else value
                          for key, value in written.items()} | {"items_skipped": len(skips)}
     record["preview"].update({key: str(record["preview"][key]) for key in ("clips", "skipped")})
-    _write_record(job.run_dir, record)
+    _write_record(job, record)
     print(f"preview: {len(items)} items ({len(skips)} skipped); sheets:", flush=True)
     for sheet in written["sheets"]:
         print(f"  {sheet}")
@@ -126,7 +157,9 @@ def _collect_outputs(stage_records: list[dict], run_dir: Path) -> dict:
     return found
 
 
-def _write_record(run_dir: Path, record: dict) -> None:
-    tmp = run_dir / "run.json.tmp"
+def _write_record(job: Job, record: dict) -> None:
+    if not job.dist.main:
+        return
+    tmp = job.run_dir / "run.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, run_dir / "run.json")
+    os.replace(tmp, job.run_dir / "run.json")

@@ -157,11 +157,11 @@ def test_interrupted_training_resumes(demo):
     original_step = loop.Trainer.training_loss
     calls = {"n": 0}
 
-    def dying(self, batch):
+    def dying(self, batch, index):
         calls["n"] += 1
         if calls["n"] == 5:  # after the checkpoint at step 3
             raise KeyboardInterrupt
-        return original_step(self, batch)
+        return original_step(self, batch, index)
 
     loop.Trainer.training_loss = dying
     try:

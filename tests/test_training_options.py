@@ -58,3 +58,24 @@ def test_training_settings_are_checked_before_loading(demo):
     with pytest.raises(ConfigError, match="training.weighting_scheme: .*no effect unless timestep_sampling=sigma"):
         demo("training.weighting_scheme=mode")  # musubi-tuner ignores it silently outside sigma sampling
     assert not (demo.root / "cache" / "cache_latents").exists()
+
+
+def test_tensorboard_logs_and_validation_loss(demo):
+    from pathlib import Path
+
+    from musubi_pipe.training.logs import read_scalars
+
+    record = demo("training.validation_split=0.3", "training.validate_every_n_steps=3", "runtime.log_every_n_steps=2",
+                  "pipeline.stages=[cache_latents,cache_text,train]")
+    train = stage(record, "train")
+    assert [step for step, _ in train["validation_losses"]] == [3, 6]
+    logs = Path(train["artifact"]) / "logs"
+    scalars = read_scalars(logs)
+    assert [step for step, _ in scalars["loss/current"]] == [1, 2, 3, 4, 5, 6]
+    assert [round(v, 4) for _, v in scalars["loss/current"]] == [round(v, 4) for v in train["losses"]]
+    assert [round(v, 4) for _, v in scalars["loss/validation"]] == [round(v, 4) for _, v in train["validation_losses"]]
+    assert {"lr/unet", "grad_norm", "loss/average"} <= set(scalars)
+    # the held-out items are the same whatever the seed, so validation losses of two runs compare
+    other = stage(demo("training.validation_split=0.3", "training.validate_every_n_steps=3", "training.seed=7",
+                       "pipeline.stages=[cache_latents,cache_text,train]"), "train")
+    assert len(other["validation_losses"]) == 2 and other["validation_losses"] != train["validation_losses"]

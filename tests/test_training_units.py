@@ -54,3 +54,16 @@ def test_batches_never_mix_buckets_or_datasets_and_repeat():
     assert sizes == [(0, 2), (0, 2), (0, 2), (1, 1), (1, 2)]  # dataset 0: batch 2, repeats 2; dataset 1: batch 3
     assert epoch_batches(groups, dataset_cfg, seed=1, epoch=0) == batches  # a pure function of (seed, epoch)
     assert epoch_batches(groups, dataset_cfg, seed=1, epoch=1) != batches
+
+
+def test_validation_split_is_stable_and_disjoint():
+    from musubi_pipe.training.validation import split_records
+
+    records = [{"dataset_index": i % 2, "key": f"item{i}_00000-001_64x64"} for i in range(200)]
+    train, held = split_records(records, 0.2)
+    assert 25 <= len(held) <= 55 and len(train) + len(held) == 200
+    assert not {r["key"] for r in train} & {r["key"] for r in held}
+    shuffled = list(reversed(records))
+    assert sorted(r["key"] for r in split_records(shuffled, 0.2)[1]) == sorted(r["key"] for r in held)
+    assert split_records(records, 0.0) == (records, [])
+    assert len(split_records(records[:3], 0.01)[1]) == 1  # a fraction > 0 holds out at least one item

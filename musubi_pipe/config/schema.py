@@ -16,7 +16,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 SCHEMA: dict[str, dict] = {
     "name": "str",
-    "runtime": {"device": "str", "num_workers": "int", "progress": "bool", "log_level": "str"},
+    "runtime": {
+        "device": "str",
+        "num_workers": "int",
+        "progress": "bool",
+        "log_level": "str",
+        "log_with": ("none", "tensorboard", "wandb", "all"),
+        "log_every_n_steps": "int",
+    },
     "paths": {"root": "str", "cache": "str", "runs": "str", "models": "str"},
     "model": {
         "arch": "str",
@@ -80,6 +87,8 @@ SCHEMA: dict[str, dict] = {
         "logit_std": "float",
         "mode_scale": "float",
         "show_timesteps": "bool",
+        "validation_split": "float",
+        "validate_every_n_steps": "int?",
         "save_every_n_steps": "int?",
         "save_every_n_epochs": "int?",
         "save_last_n": "int?",

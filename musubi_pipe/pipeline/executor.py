@@ -10,6 +10,7 @@ frozen (fail instead of computing).
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,24 +176,47 @@ def _upstream_dirs(job: Job, p: PlannedStage, by_name: dict, verify: str) -> dic
 
 
 def _run_locked(job: Job, p: PlannedStage, upstream_dirs, force: bool, verify: str):
-    """Compute the stage under its lock; a job that waited on the lock reuses the winner's output."""
-    with job.store.lock(p.stage.name, p.fingerprint):
-        manifest, _ = lookup(job, p.stage, p.fingerprint, verify)
-        if manifest is not None and not force:
-            return "cached", _cached_stats(manifest)
-        tmp = job.store.new_tmp_dir(p.stage.name, p.fingerprint)
-        ctx = StageContext(job, p.stage, p.fingerprint, p.doc, tmp, upstream_dirs, force=force)
-        started = time.perf_counter()
-        stats = p.stage.run(ctx) or {}
-        manifest = {
-            "inputs": p.doc,
-            "stats": stats,
-            "seconds": round(time.perf_counter() - started, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "software": _software(),
-        }
-        job.store.publish(p.stage.name, p.fingerprint, tmp, manifest)
-        job.store.drop_partial(p.stage.name, p.fingerprint)
+    """Compute the stage under its lock; a job that waited on the lock reuses the winner's output.
+
+    With several processes (job.dist), the main process holds the lock and decides; all processes
+    then run the stage together, each in its own directory, and only the main one publishes.
+    """
+    dist = job.dist
+    if not dist.active:
+        with job.store.lock(p.stage.name, p.fingerprint):
+            return _run_or_reuse(job, p, upstream_dirs, force, verify)
+    if dist.main:
+        with job.store.lock(p.stage.name, p.fingerprint):
+            result = _run_or_reuse(job, p, upstream_dirs, force, verify)
+    else:
+        result = _run_or_reuse(job, p, upstream_dirs, force, verify)
+    dist.barrier()  # the others wait until the main process has published
+    return result
+
+
+def _run_or_reuse(job: Job, p: PlannedStage, upstream_dirs, force: bool, verify: str):
+    dist = job.dist
+    manifest = lookup(job, p.stage, p.fingerprint, verify)[0] if dist.main else None
+    reuse = dist.broadcast(manifest is not None and not force)
+    if reuse:
+        manifest = manifest or lookup(job, p.stage, p.fingerprint, verify)[0]
+        return "cached", _cached_stats(manifest)
+    tmp = job.store.new_tmp_dir(p.stage.name, p.fingerprint)
+    ctx = StageContext(job, p.stage, p.fingerprint, p.doc, tmp, upstream_dirs, force=force)
+    started = time.perf_counter()
+    stats = p.stage.run(ctx) or {}
+    if not dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # the main process's output is the one published
+        return "ran", stats
+    manifest = {
+        "inputs": p.doc,
+        "stats": stats,
+        "seconds": round(time.perf_counter() - started, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "software": _software(),
+    }
+    job.store.publish(p.stage.name, p.fingerprint, tmp, manifest)
+    job.store.drop_partial(p.stage.name, p.fingerprint)
     return "ran", stats
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from musubi_pipe.pipeline.distributed import Dist
+
 
 def select_key(cfg: dict, dotted: str):
     """Return the value at a dotted key of a nested dict, or None when absent."""
@@ -32,6 +34,7 @@ class Job:
     digests: Any
     run_dir: Path
     memo: dict = field(default_factory=dict)
+    dist: Dist = field(default_factory=Dist)  # this process among the run's processes (see pipeline.distributed)
 
     def cached(self, key: str, compute: Callable[[], Any]):
         """Compute a plan-time value once per run (e.g. the dataset scan)."""

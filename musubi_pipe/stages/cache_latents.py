@@ -73,27 +73,33 @@ def run(ctx: StageContext) -> dict:
     items, _ = common.dataset_scan(job)
     keys = [common.latent_key(job, item) for item in items]
     todo = {key: item for item, key in zip(items, keys) if ctx.force or not job.store.has_item(KIND, key)}
+    mine = dict(job.dist.shard(list(todo.items())))  # several processes: each encodes its share
     failed: dict[str, str] = {}  # entry key -> reason
-    if todo:
+    if mine:
         device = common.resolve_device(job)
         dtype = common.torch_dtype(common.resolve_dtype(job, "vae_dtype"))
         vae = common.family(job).load_vae(common.model_cfg(job), device, dtype)
         workers = max(1, int(ctx.runtime.get("num_workers", 2)))
-        by_item = {id(item): key for key, item in todo.items()}
-        loaded = iter_loaded(list(todo.values()), _loader(common.uses_controls(job)), workers)
-        progress = tqdm(loaded, total=len(todo), desc="cache_latents", disable=not ctx.runtime.get("progress", True))
+        by_item = {id(item): key for key, item in mine.items()}
+        loaded = iter_loaded(list(mine.values()), _loader(common.uses_controls(job)), workers)
+        show = ctx.runtime.get("progress", True) and job.dist.main
+        progress = tqdm(loaded, total=len(mine), desc="cache_latents", disable=not show)
         with torch.no_grad():
             for item, result in progress:
                 key = by_item[id(item)]
                 if isinstance(result, MediaError):
-                    if job.cfg["dataset"].get("strict"):
-                        raise result
                     common.log.warning("skipping %s: %s", item.media_path, result)
                     failed[key] = str(result)
                     continue
                 common.save_item(job.store.item_path(KIND, key), _encode(vae, result, device, dtype),
                                  {"item": item.key, "media": item.media_path})
         del vae
+    failed = {key: reason for part in job.dist.all_gather(failed) for key, reason in part.items()}
+    if failed and job.cfg["dataset"].get("strict"):
+        # after the other items are stored (a rerun continues from them) and on every process alike
+        key = next(iter(failed))
+        raise MediaError(todo[key].media_path, f"{failed[key]} (dataset.strict=true; set it to false to skip "
+                         "such items)")
     index = [dict(common.item_record(item), entry=key) for item, key in zip(items, keys) if key not in failed]
     (ctx.out_dir / "index.json").write_text(json.dumps(index, indent=1))
     skipped = [{"path": todo[key].media_path, "reason": reason} for key, reason in failed.items()]

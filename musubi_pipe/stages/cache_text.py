@@ -36,13 +36,15 @@ def run(ctx: StageContext) -> dict:
     texts = all_texts(job)
     keys = {text: common.text_key(job, text) for text in texts}
     todo = [t for t in texts if ctx.force or not job.store.has_item(KIND, keys[t])]
-    if todo:
+    mine = job.dist.shard(todo)  # several processes: each encodes its share
+    if mine:
         device = common.resolve_device(job)
         dtype = common.torch_dtype(common.resolve_dtype(job, "t5_dtype"))
         encoder = common.family(job).load_text_encoder(common.model_cfg(job), device, dtype)
-        batches = [todo[i : i + BATCH] for i in range(0, len(todo), BATCH)]
+        batches = [mine[i : i + BATCH] for i in range(0, len(mine), BATCH)]
         with torch.no_grad():
-            for batch in tqdm(batches, desc="cache_text", disable=not ctx.runtime.get("progress", True)):
+            show = ctx.runtime.get("progress", True) and job.dist.main
+            for batch in tqdm(batches, desc="cache_text", disable=not show):
                 for text, embedding in zip(batch, encoder.encode(batch)):
                     common.save_item(job.store.item_path(KIND, keys[text]), {"embedding": embedding.float().cpu()})
         del encoder

@@ -83,9 +83,15 @@ def _log_dataset(where: str, items, skips) -> None:
 
 
 def resolve_device(job: Job) -> str:
-    """Return the device named by runtime.device (auto: cuda when available, else cpu)."""
+    """Return the device named by runtime.device (auto: cuda when available, else cpu).
+
+    With several processes on GPUs, `cuda` means this process's own GPU (cuda:<local rank>).
+    """
     wanted = job.cfg.get("runtime", {}).get("device", "auto")
-    return _probe(job)["device"] if wanted == "auto" else wanted
+    device = _probe(job)["device"] if wanted == "auto" else wanted
+    if device == "cuda" and job.dist.active:
+        return f"cuda:{job.dist.local_rank}"
+    return device
 
 
 def resolve_dtype(job: Job, key: str) -> str:

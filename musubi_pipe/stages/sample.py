@@ -106,6 +106,8 @@ def run(ctx: StageContext) -> dict:
     prompts = prompt_settings(sampling, defaults)
     if not prompts:
         raise ConfigError([("sampling.prompts", "is empty; add at least one prompt or drop sample from pipeline.stages")])
+    if not job.dist.main:
+        return {}  # several processes: the main one samples (sampling is a few prompts, not worth splitting)
     family, model = common.family(job), common.model_cfg(job)
     geometry, experts = family.geometry(model), family.experts(model)
     device = common.resolve_device(job)

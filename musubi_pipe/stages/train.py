@@ -41,6 +41,8 @@ def inputs(job: Job) -> dict:
         },
         "model": common.family(job).training_identity(common.model_cfg(job)),
         "mixed_precision": _mixed_precision(job),
+        # N processes each take their own batches: like N x gradient accumulation, up to float rounding
+        "processes": job.dist.world,
         "network_weights": _network_weights_digest(job),
     }
 
@@ -51,6 +53,8 @@ def _network_weights_digest(job: Job):
 
 
 def run(ctx: StageContext) -> dict:
+    import shutil
+
     from safetensors.torch import load_file
 
     from musubi_pipe.training.loop import Trainer
@@ -75,16 +79,25 @@ def run(ctx: StageContext) -> dict:
         dit_dtype=dit_dtype,
         progress=ctx.runtime.get("progress", True),
         on_checkpoint=lambda trainer, label: _save_loras(ctx, trainer, train_cfg, _intermediate_dir(ctx), label),
+        dist=job.dist,
+        log=_training_log(ctx) if job.dist.main else None,
     )
+    trainer.log_every = int(ctx.runtime.get("log_every_n_steps") or 10)
     trainer.setup()
     outputs = {"timesteps": [_plot_timesteps(ctx, trainer).name]} if train_cfg.get("show_timesteps") else {}
     trainer.train()
     lora_experts = _save_loras(ctx, trainer, train_cfg, ctx.out_dir)
-    outputs |= {"lora": sorted(set(lora_experts.values())),
-                "lora_checkpoints": _publish_intermediate(ctx, cfg["training"].get("save_last_n"))}
+    intermediate = _publish_intermediate(ctx, cfg["training"].get("save_last_n")) if job.dist.main else []
+    outputs |= {"lora": sorted(set(lora_experts.values())), "lora_checkpoints": intermediate}
     trainer.cleanup()
+    if trainer.log is not None:
+        trainer.log.close()
+        if (ctx.partial_dir() / "logs").is_dir():  # the logs of every attempt (a resumed run continues them)
+            shutil.copytree(ctx.partial_dir() / "logs", ctx.out_dir / "logs")
+            outputs["logs"] = ["logs"]
     return {
         "outputs": outputs,
+        "validation_losses": trainer.validation_losses,
         "lora_experts": lora_experts,
         "expert_steps": trainer.expert_steps,
         "steps": trainer.step,
@@ -93,6 +106,14 @@ def run(ctx: StageContext) -> dict:
         "final_loss": trainer.losses[-1] if trainer.losses else None,
         "losses": [round(v, 6) for v in trainer.losses],
     }
+
+
+def _training_log(ctx: StageContext):
+    """TensorBoard / W&B logs (training.log_with) written beside the checkpoints, published with the LoRA."""
+    from musubi_pipe.training.logs import TrainingLog
+
+    return TrainingLog(ctx.partial_dir() / "logs", ctx.runtime.get("log_with", "none"),
+                       ctx.cfg["training"]["output_name"], config={k: ctx.cfg[k] for k in ("network", "optimizer", "training")})
 
 
 def _plot_timesteps(ctx: StageContext, trainer):

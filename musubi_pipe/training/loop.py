@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from musubi_pipe.network.factory import build_network, param_groups
+from musubi_pipe.pipeline.distributed import Dist
 from musubi_pipe.network.lora import LoRANetwork
 from musubi_pipe.network.lora_file import load_lora_file
 from musubi_pipe.training import checkpoint as ckpt
@@ -33,6 +34,7 @@ from musubi_pipe.training.schedule import build_scheduler
 from musubi_pipe.models.base import route
 from musubi_pipe.models.experts import ExpertDits
 from musubi_pipe.training.timesteps import TimestepSpec, loss_weights, sample_timesteps, weighted_mse
+from musubi_pipe.training.validation import VALIDATION_TIMESTEPS, noise_seed, split_records
 
 log = logging.getLogger("musubi_pipe")
 
@@ -45,16 +47,22 @@ class Trainer:
     """
 
     def __init__(self, *, family, model_cfg, cfg, latents_index, latent_path, text_entry, checkpoint_dir: Path, device,
-                 dit_dtype, progress=True, on_checkpoint=None):
+                 dit_dtype, progress=True, on_checkpoint=None, dist=None, log=None):
         self.family, self.model_cfg, self.cfg = family, model_cfg, cfg
         # on_checkpoint(trainer, label): called at each checkpoint, before it is written, e.g. to write an
         # intermediate LoRA file; label is musubi-tuner's file suffix, "step00000200" or "000002" (epoch 2)
         self.on_checkpoint = on_checkpoint
         self.latents_index, self.latent_path, self.text_entry = latents_index, latent_path, text_entry
         self.checkpoint_dir, self.device, self.dit_dtype, self.progress = checkpoint_dir, device, dit_dtype, progress
-        self.step, self.epoch, self.position, self.losses = 0, 0, 0, []
+        # several processes (pipeline.distributed): each trains on its own batches, gradients are averaged
+        self.dist = dist or Dist()
+        self.log = log  # a training.logs.TrainingLog (main process only), or None
+        self.log_every = 10  # steps between timestep histograms (runtime.log_every_n_steps)
+        self.recent_timesteps: list[torch.Tensor] = []  # drawn since the last histogram
+        self.validation_losses: list[list] = []  # [step, loss] pairs
+        self.step, self.consumed, self.losses = 0, 0, []  # consumed: batches used so far, by all processes
         self.resumed_from = 0
-        self._order_epoch, self._order = None, []  # the current epoch's batches, see epoch_order
+        self._orders: dict[int, list] = {}  # epoch -> its batches, see epoch_order
         self._expert_networks: dict = {}  # expert name -> the network applied to that expert's DiT
         self.expert_steps: dict[str, int] = {}  # how many batches each expert trained on
 
@@ -89,11 +97,12 @@ class Trainer:
             network.apply_to()
         groups = param_groups(list(self.networks.values()), opt["lr"], net.get("loraplus_lr_ratio"))
         self.optimizer = build_optimizer(groups, opt)
-        self.groups = group_items(self.latents_index, self.cfg["dataset"])
+        train_records, self.validation_records = split_records(self.latents_index, train.get("validation_split") or 0.0)
+        self.groups = group_items(train_records, self.cfg["dataset"])
         self.batches_per_epoch = len(epoch_batches(self.groups, self.cfg["dataset"], train["seed"], 0))
-        accum = train["gradient_accumulation_steps"]
+        self.batches_per_step = train["gradient_accumulation_steps"] * self.dist.world
         if train.get("max_train_epochs"):
-            self.max_steps = train["max_train_epochs"] * math.ceil(self.batches_per_epoch / accum)
+            self.max_steps = train["max_train_epochs"] * math.ceil(self.batches_per_epoch / self.batches_per_step)
         else:
             self.max_steps = train["max_train_steps"]
         self.scheduler = build_scheduler(self.optimizer, opt, self.max_steps)
@@ -116,58 +125,88 @@ class Trainer:
 
     # -- train -------------------------------------------------------------------------------
     def train(self) -> None:
-        train = self.cfg["training"]
-        accum = train["gradient_accumulation_steps"]
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not self.progress)
+        """Optimizer steps until max_steps. Step s uses the batches s*P .. s*P+P-1 of the data order
+        (P = gradient_accumulation_steps x processes); process r takes every world-th one from r, so
+        N processes train exactly what one process does with N times the accumulation."""
+        accum, world = self.cfg["training"]["gradient_accumulation_steps"], self.dist.world
+        show = self.progress and self.dist.main
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not show)
         for dit in self.dits.values():
             dit.train()
         while self.step < self.max_steps:
+            epochs_before = self.consumed // self.batches_per_epoch
             total = 0.0
-            for _ in range(accum):
-                loss = self.training_loss(self.next_batch()) / accum
+            for micro in range(accum):
+                index = self.consumed + micro * world + self.dist.rank
+                loss = self.training_loss(self.batch_at(index), index) / accum
                 loss.backward()  # frees the graph; activations do not pile up across accumulation
                 total += loss.item()
-            if self.cfg["optimizer"]["max_grad_norm"] > 0:
-                torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg["optimizer"]["max_grad_norm"])
+            self.consumed += accum * world
+            params = self.trainable_parameters()
+            if self.dist.active:  # the mean over processes: what one process accumulating all the batches gets
+                self.dist.mean_(_grads(params))
+                total = sum(self.dist.all_gather(total)) / world
+            max_norm = self.cfg["optimizer"]["max_grad_norm"]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.losses.append(total)
+            self.log_step(total, grad_norm)
+            self.maybe_validate()
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", epoch=self.epoch)
-            label = self.checkpoint_label()
-            if label and self.step < self.max_steps:
+            label = self.checkpoint_label(epochs_before)
+            if label and self.step < self.max_steps and self.dist.main:
                 self.save_checkpoint(label)
         bar.close()
         for dit in self.dits.values():
             dit.eval()
+        if self.dist.active:  # every process's batches, per expert
+            counts = self.dist.all_gather(self.expert_steps)
+            self.expert_steps = {name: sum(c.get(name, 0) for c in counts) for name in set().union(*counts)}
 
-    def checkpoint_label(self) -> str | None:
+    def maybe_validate(self) -> None:
+        """Every training.validate_every_n_steps steps and at the last step, on the main process."""
+        every = self.cfg["training"].get("validate_every_n_steps")
+        if not self.validation_records or not self.dist.main:
+            return
+        if (every and self.step % every == 0) or self.step == self.max_steps:
+            loss = self.validation_loss()
+            self.validation_losses.append([self.step, round(loss, 6)])
+            if self.log is not None:
+                self.log.scalars({"loss/validation": loss}, self.step)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the last batch used (0-based)."""
+        return max(self.consumed - 1, 0) // self.batches_per_epoch
+
+    def checkpoint_label(self, epochs_before: int) -> str | None:
         """Whether the step just taken ends a save period: "000002" when it completed the 2nd epoch and
         training.save_every_n_epochs divides 2, "step00000200" for save_every_n_steps, else None."""
         train = self.cfg["training"]
         every_epochs, every_steps = train.get("save_every_n_epochs"), train.get("save_every_n_steps")
-        if every_epochs and self.position >= len(self.epoch_order()) and (self.epoch + 1) % every_epochs == 0:
-            return f"{self.epoch + 1:06d}"
+        completed = self.consumed // self.batches_per_epoch
+        if every_epochs and completed > epochs_before and completed % every_epochs == 0:
+            return f"{completed:06d}"
         if every_steps and self.step % every_steps == 0:
             return f"step{self.step:08d}"
         return None
 
-    def next_batch(self) -> list[dict]:
-        """Return the next batch of the data order, moving to the next epoch when one ends."""
-        if self.position >= len(self.epoch_order()):
-            self.epoch, self.position = self.epoch + 1, 0
-        batch = self.epoch_order()[self.position]
-        self.position += 1
-        return batch
+    def batch_at(self, index: int) -> list[dict]:
+        """Batch number `index` of the data order: epoch index // batches_per_epoch, at its position."""
+        epoch, position = divmod(index, self.batches_per_epoch)
+        return self.epoch_order(epoch)[position]
 
-    def epoch_order(self) -> list[list[dict]]:
-        """The current epoch's batches, built once per epoch (a pure function of seed and epoch)."""
-        if self._order_epoch != self.epoch:
-            self._order = epoch_batches(self.groups, self.cfg["dataset"], self.cfg["training"]["seed"], self.epoch)
-            self._order_epoch = self.epoch
-        return self._order
+    def epoch_order(self, epoch: int) -> list[list[dict]]:
+        """An epoch's batches, a pure function of seed and epoch (the last two epochs are kept)."""
+        if epoch not in self._orders:
+            self._orders[epoch] = epoch_batches(self.groups, self.cfg["dataset"], self.cfg["training"]["seed"], epoch)
+            for old in sorted(self._orders)[:-2]:
+                del self._orders[old]
+        return self._orders[epoch]
 
     def sample_timesteps(self, n: int, latent_hw: tuple[int, int]):
         """Return (expert, t [n]) for one batch: t in the trained experts' range, all items on one expert."""
@@ -179,22 +218,72 @@ class Trainer:
             t = torch.cat([t[:1], sample_timesteps(n - 1, self.timestep_spec, latent_hw, self.generator, low, high)])
         return expert, t
 
-    def training_loss(self, batch: list[dict]) -> torch.Tensor:
+    def training_loss(self, batch: list[dict], index: int = 0) -> torch.Tensor:
+        """The loss of batch number `index`. Its noise, timesteps and dropout draw from seeds of (seed, index),
+        so they do not depend on how many processes train or where a resumed run restarted."""
+        seed = _batch_seed(self.cfg["training"]["seed"], index)
+        self.generator.manual_seed(seed)
+        torch.manual_seed(seed)  # LoRA dropouts use torch's global generators
+        latents, cached, embeds = self._load_batch(batch)
+        noise = torch.randn(latents.shape, generator=self.generator)
+        expert, t = self.sample_timesteps(len(batch), tuple(latents.shape[-2:]))
+        self.expert_steps[expert.name] = self.expert_steps.get(expert.name, 0) + 1
+        self.recent_timesteps.append(t)
+        return self._loss(latents, cached, embeds, noise, t, expert, loss_weights(t, self.timestep_spec))
+
+    def _load_batch(self, batch: list[dict]):
+        """(latents, cached conditioning, text embeddings) of a batch of index records."""
         entries = [load_file(str(self.latent_path(r))) for r in batch]
         latents = torch.stack([e["latents"] for e in entries])
         cached = {k: torch.stack([e[k] for e in entries]) for k in entries[0] if k != "latents"}
         embeds = [self.text_entry(r["caption"]).to(self.device, self.dit_dtype) for r in batch]
-        noise = torch.randn(latents.shape, generator=self.generator)
-        expert, t = self.sample_timesteps(len(batch), tuple(latents.shape[-2:]))
+        return latents, cached, embeds
+
+    def _loss(self, latents, cached, embeds, noise, t, expert, weights) -> torch.Tensor:
         inputs = self.family.training_inputs(self.model_cfg, latents, noise, t, cached, self.generator)
-        dit = self.dits.get(expert.name)
-        self.expert_steps[expert.name] = self.expert_steps.get(expert.name, 0) + 1
         cond = {k: v.to(self.device) for k, v in inputs.cond.items()}  # predict casts them for the model
         with self.autocast:
-            pred = self.family.predict(dit, inputs.noisy.to(self.device, self.dit_dtype), inputs.timesteps.to(self.device), embeds, cond)
-        weights = loss_weights(t, self.timestep_spec)
+            pred = self.family.predict(self.dits.get(expert.name), inputs.noisy.to(self.device, self.dit_dtype),
+                                       inputs.timesteps.to(self.device), embeds, cond)
         return weighted_mse(pred.float(), inputs.target.to(self.device).float(),
                             None if weights is None else weights.to(self.device), inputs.mask)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """Mean unweighted loss of the held-out items at VALIDATION_TIMESTEPS (those the trained experts cover),
+        with fixed noise per item and dropouts off; None without held-out items."""
+        if not self.validation_records:
+            return None
+        low, high = _span(self.experts)
+        times = [t for t in VALIDATION_TIMESTEPS if low <= t <= high]
+        for network in self.networks.values():
+            network.eval()
+        total, count = 0.0, 0
+        for record in self.validation_records:
+            latents, cached, embeds = self._load_batch([record])
+            self.generator.manual_seed(noise_seed(record))  # training reseeds it for every batch
+            noise = torch.randn(latents.shape, generator=self.generator)
+            for value in times:
+                t = torch.tensor([value])
+                total += float(self._loss(latents, cached, embeds, noise, t, route(self.experts, value), None))
+                count += 1
+        for network in self.networks.values():
+            network.train()
+        return total / max(count, 1)
+
+    def log_step(self, loss: float, grad_norm: float) -> None:
+        """Scalars of the step just taken (and, every training.log_every_n_steps, the timesteps drawn)."""
+        if self.log is None:
+            return
+        recent = self.losses[-max(1, math.ceil(self.batches_per_epoch / self.batches_per_step)):]
+        values = {"loss/current": loss, "loss/average": sum(recent) / len(recent), "grad_norm": grad_norm}
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            values[f"lr/{_LR_TAGS.get(group.get('name'), group.get('name', 'unet'))}"] = lr
+        self.log.scalars(values, self.step)
+        every = self.log_every
+        if self.step % every == 0 and self.recent_timesteps:
+            self.log.histogram("timesteps", torch.cat(self.recent_timesteps), self.step)
+            self.recent_timesteps = []
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, label: str) -> None:
@@ -206,7 +295,8 @@ class Trainer:
             self.checkpoint_dir, self.step,
             network_state=self.network_state(),
             optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator,
-            state={"epoch": self.epoch, "position": self.position, "losses": self.losses, "expert_steps": self.expert_steps},
+            state={"consumed": self.consumed, "epoch": self.epoch, "losses": self.losses, "expert_steps": self.expert_steps,
+                   "validation_losses": self.validation_losses},
             keep=self.cfg["training"].get("save_last_n_states") or 1,
         )
 
@@ -216,8 +306,10 @@ class Trainer:
             prefix = f"{suffix}/" if suffix else ""
             own = {k[len(prefix):]: v for k, v in network_state.items() if k.startswith(prefix) and (prefix or "/" not in k)}
             network.load_lora_state_dict(own, source=str(path))
-        self.step, self.epoch, self.position, self.losses = state["step"], state["epoch"], state["position"], state["losses"]
+        self.step, self.losses = state["step"], state["losses"]
+        self.consumed = state.get("consumed", state["epoch"] * self.batches_per_epoch + state.get("position", 0))
         self.expert_steps = state.get("expert_steps", {})
+        self.validation_losses = state.get("validation_losses", [])
         self.resumed_from = self.step
         log.info("train: resumed from checkpoint %s (step %d, epoch %d)", path, self.step, self.epoch)
 
@@ -236,6 +328,23 @@ class Trainer:
         del self.dits, self.optimizer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+# TensorBoard tags of the optimizer's parameter groups (musubi-tuner calls the LoRA's group "unet")
+_LR_TAGS = {"default": "unet", None: "unet", "lora_down": "unet", "lora_up": "unet plus"}
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    """The seed of batch number `index`'s random draws (distinct per batch, stable across runs)."""
+    return (seed * 1_000_003 + index * 7_919 + 0x5EED) % (2**63)
+
+
+def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The gradients of `params`, zeros for a parameter this process did not use (another expert's LoRA)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
 
 
 def active_experts(experts: list, which: str) -> list:
