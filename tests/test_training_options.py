@@ -79,3 +79,21 @@ def test_tensorboard_logs_and_validation_loss(demo):
     other = stage(demo("training.validation_split=0.3", "training.validate_every_n_steps=3", "training.seed=7",
                        "pipeline.stages=[cache_latents,cache_text,train]"), "train")
     assert len(other["validation_losses"]) == 2 and other["validation_losses"] != train["validation_losses"]
+
+
+def test_sampling_during_training(demo):
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    record = demo("sampling.sample_every_n_steps=3", "sampling.sample_at_first=true", "sampling.steps=2",
+                  "pipeline.stages=[cache_latents,cache_text,train]")
+    train = stage(record, "train")
+    names = [Path(p).name for p in record["training_samples"]]
+    # the demo's two prompts (an image and a 9-frame video) before the first step and at steps 3 and 6
+    assert names == [f"step{step:08d}_{i:02d}.{ext}" for step in (0, 3, 6) for i, ext in ((0, "png"), (1, "mp4"))]
+    assert Image.open(record["training_samples"][0]).size == (64, 64)
+    events = EventAccumulator(str(Path(train["artifact"]) / "logs" / "demo_lora")).Reload()
+    assert any(tag.startswith("samples/00") for tag in events.Tags()["images"])
+    plain = stage(demo("pipeline.stages=[cache_latents,cache_text,train]"), "train")
+    assert plain["fingerprint"] != train["fingerprint"]  # the samples are part of the artifact

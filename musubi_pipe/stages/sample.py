@@ -96,10 +96,7 @@ def _load_image(path: str, width: int, height: int):
 
 
 def run(ctx: StageContext) -> dict:
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from musubi_pipe.data.media import write_mp4, write_png
+    from safetensors.torch import load_file
 
     job, sampling = ctx.job, ctx.cfg["sampling"]
     defaults = _defaults(job)
@@ -118,6 +115,26 @@ def run(ctx: StageContext) -> dict:
     train_stats = json.loads((train_dir / "manifest.json").read_text())["stats"]
     lora_experts = train_stats.get("lora_experts") or {"": train_stats["outputs"]["lora"][0]}
 
+    conds = prompt_conditions(family, model, prompts, device, vae_dtype)
+    offload = bool(job.cfg["memory"].get("offload_inactive_dit"))
+    dits, networks = _load_experts(family, model, experts, device, dit_dtype, offload, train_dir, lora_experts,
+                                   sampling["lora_multiplier"])
+
+    def embedding(text):
+        return load_file(str(job.store.item_path("text", text_index[text])))["embedding"].to(device, dit_dtype)
+
+    latents_out = render(family, experts, dits, geometry, prompts, conds, embedding, device,
+                         ctx.runtime.get("progress", True))
+    for network in networks:
+        network.restore()
+    del dits, networks
+    fps = sampling.get("fps") or defaults["fps"]
+    written = write_samples(family, model, prompts, latents_out, ctx.out_dir, "sample", fps, device, vae_dtype)
+    return {"outputs": {"samples": [path.name for path, _ in written]}, "prompts": [p["prompt"] for p in prompts]}
+
+
+def prompt_conditions(family, model, prompts: list[dict], device, vae_dtype) -> list[dict]:
+    """The image conditioning of each prompt (image-to-video tasks; {} for a prompt without an image)."""
     conds = [{} for _ in prompts]
     if any(p["image"] for p in prompts):
         vae = family.load_vae(model, device, vae_dtype)
@@ -126,38 +143,42 @@ def run(ctx: StageContext) -> dict:
                 pixels = _load_image(p["image"], p["width"], p["height"]).to(device, vae_dtype)
                 cond.update({k: v.cpu() for k, v in vae.encode_condition(pixels, p["frames"]).items()})
         del vae
+    return conds
 
-    offload = bool(job.cfg["memory"].get("offload_inactive_dit"))
-    dits, networks = _load_experts(family, model, experts, device, dit_dtype, offload, train_dir, lora_experts,
-                                   sampling["lora_multiplier"])
 
-    def embedding(text):
-        return load_file(str(job.store.item_path("text", text_index[text])))["embedding"].to(device, dit_dtype)
-
-    latents_out = [
+def render(family, experts, dits, geometry, prompts: list[dict], conds: list[dict], embedding, device, progress):
+    """Sampled latents of each prompt, with the DiTs as they are (LoRAs applied or not)."""
+    return [
         _denoise(family, experts, dits, geometry, p, cond, [embedding(p["prompt"])], [embedding(p["negative_prompt"])],
-                 device, ctx.runtime.get("progress", True))
+                 device, progress)
         for p, cond in zip(prompts, conds)
     ]
-    for network in networks:
-        network.restore()
-    del dits, networks
+
+
+def write_samples(family, model, prompts, latents_out, out_dir, prefix: str, fps, device, vae_dtype):
+    """Decode and write each prompt's latents (`<prefix>_NN.safetensors` and .png or .mp4); return
+    [(media path, uint8 frames [F, H, W, 3])]."""
+    import torch
+    from safetensors.torch import save_file
+
+    from musubi_pipe.data.media import write_mp4, write_png
+
     vae = family.load_vae(model, device, vae_dtype)
-    fps = sampling.get("fps") or defaults["fps"]
-    files = []
+    written = []
     for i, (p, latents) in enumerate(zip(prompts, latents_out)):
-        save_file({"latents": latents[0].contiguous()}, str(ctx.out_dir / f"sample_{i:02d}.safetensors"))
+        save_file({"latents": latents[0].contiguous()}, str(out_dir / f"{prefix}_{i:02d}.safetensors"))
         with torch.no_grad():
             pixels = vae.decode(latents.to(device, vae.dtype))[0].float().cpu()
         frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
         if p["frames"] == 1:
-            path = ctx.out_dir / f"sample_{i:02d}.png"
+            path = out_dir / f"{prefix}_{i:02d}.png"
             write_png(path, frames[0])
         else:
-            path = ctx.out_dir / f"sample_{i:02d}.mp4"
+            path = out_dir / f"{prefix}_{i:02d}.mp4"
             write_mp4(path, frames, fps)
-        files.append(path.name)
-    return {"outputs": {"samples": files}, "prompts": [p["prompt"] for p in prompts]}
+        written.append((path, frames))
+    del vae
+    return written
 
 
 def _load_experts(family, model, experts, device, dtype, offload, train_dir, lora_experts, multiplier):

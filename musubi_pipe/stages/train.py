@@ -44,7 +44,23 @@ def inputs(job: Job) -> dict:
         # N processes each take their own batches: like N x gradient accumulation, up to float rounding
         "processes": job.dist.world,
         "network_weights": _network_weights_digest(job),
+        "sample_during_training": _sampling_during_training(job),
     }
+
+
+def _sampling_during_training(job: Job) -> dict | None:
+    """What sampling during training depends on (its media are part of the artifact), or None when off."""
+    from musubi_pipe.stages.sample import prompt_settings
+
+    sampling = job.cfg["sampling"]
+    when = {k: sampling.get(k) for k in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")}
+    if not any(when.values()):
+        return None
+    defaults = common.family(job).sampling_defaults(common.model_cfg(job))
+    images = sorted({p["image"] for p in prompt_settings(sampling, defaults) if p["image"]})
+    return dict(when, prompts=prompt_settings(sampling, defaults), fps=sampling.get("fps") or defaults["fps"],
+                images={path: job.digests.digest(path) for path in images},
+                vae=job.cached("vae_doc", lambda: common.encoder_document(job, "vae", "vae_dtype")))
 
 
 def _network_weights_digest(job: Job):
@@ -70,7 +86,8 @@ def run(ctx: StageContext) -> dict:
         family=family,
         model_cfg=common.model_cfg(job),
         # memory.* settings move work around without changing numbers: read, not declared
-        cfg={**cfg, "training": train_cfg, "dataset": cfg["dataset"], "memory": job.cfg["memory"]},
+        cfg={**cfg, "training": train_cfg, "dataset": cfg["dataset"], "memory": job.cfg["memory"],
+             "sampling": job.cfg["sampling"]},
         latents_index=latents_index,
         latent_path=lambda record: job.store.item_path("latents", record["entry"]),
         text_entry=lambda text: load_file(str(job.store.item_path("text", text_index[text])))["embedding"],
@@ -81,6 +98,7 @@ def run(ctx: StageContext) -> dict:
         on_checkpoint=lambda trainer, label: _save_loras(ctx, trainer, train_cfg, _intermediate_dir(ctx), label),
         dist=job.dist,
         log=_training_log(ctx) if job.dist.main else None,
+        on_sample=_sampler(ctx, text_index) if _sampling_during_training(job) else None,
     )
     trainer.log_every = int(ctx.runtime.get("log_every_n_steps") or 10)
     trainer.setup()
@@ -89,6 +107,12 @@ def run(ctx: StageContext) -> dict:
     lora_experts = _save_loras(ctx, trainer, train_cfg, ctx.out_dir)
     intermediate = _publish_intermediate(ctx, cfg["training"].get("save_last_n")) if job.dist.main else []
     outputs |= {"lora": sorted(set(lora_experts.values())), "lora_checkpoints": intermediate}
+    samples_dir = ctx.partial_dir() / "samples"
+    if samples_dir.is_dir() and job.dist.main:  # media sampled during training (every attempt's, if resumed)
+        outputs["training_samples"] = []
+        for media in sorted(f for f in samples_dir.iterdir() if f.suffix in (".png", ".mp4")):
+            shutil.copy2(media, ctx.out_dir / media.name)
+            outputs["training_samples"].append(media.name)
     trainer.cleanup()
     if trainer.log is not None:
         trainer.log.close()
@@ -106,6 +130,50 @@ def run(ctx: StageContext) -> dict:
         "final_loss": trainer.losses[-1] if trainer.losses else None,
         "losses": [round(v, 6) for v in trainer.losses],
     }
+
+
+def _sampler(ctx: StageContext, text_index: dict):
+    """on_sample for the trainer: render sampling.prompts with the networks as trained so far into the
+    partial folder's samples/ (`<label>_NN.png|mp4`, label e.g. step00000100 or e000002) and log them."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from musubi_pipe.stages.sample import prompt_conditions, prompt_settings, render, write_samples
+
+    job = ctx.job
+    family, model = common.family(job), common.model_cfg(job)
+    defaults = family.sampling_defaults(model)
+    prompts = prompt_settings(job.cfg["sampling"], defaults)
+    fps = job.cfg["sampling"].get("fps") or defaults["fps"]
+    device = common.resolve_device(job)
+    dit_dtype = common.torch_dtype(common.resolve_dtype(job, "dit_dtype"))
+    vae_dtype = common.torch_dtype(common.resolve_dtype(job, "vae_dtype"))
+    conds = []
+
+    def embedding(text):
+        return load_file(str(job.store.item_path("text", text_index[text])))["embedding"].to(device, dit_dtype)
+
+    def sample(trainer, label: str) -> None:
+        if len(trainer.experts) < len(family.experts(model)):
+            logging.getLogger("musubi_pipe").warning("sampling during training needs every expert; training.experts="
+                                                     "%s trains one: skipped", ctx.cfg["training"]["experts"])
+            return
+        if not conds:
+            conds.extend(prompt_conditions(family, model, prompts, device, vae_dtype))
+        latents = render(family, trainer.experts, trainer.dits, family.geometry(model), prompts, conds, embedding,
+                         device, progress=False)
+        folder = ctx.partial_dir() / "samples"
+        folder.mkdir(exist_ok=True)
+        written = write_samples(family, model, prompts, latents, folder, label, fps, device, vae_dtype)
+        if trainer.log is not None:
+            for i, (path, frames) in enumerate(written):
+                if len(frames) == 1:
+                    trainer.log.images(f"samples/{i:02d}", [frames[0]], trainer.step, captions=[prompts[i]["prompt"]])
+                else:
+                    trainer.log.video(f"samples/{i:02d}", frames, trainer.step, fps)
+
+    return sample
 
 
 def _training_log(ctx: StageContext):

@@ -47,11 +47,13 @@ class Trainer:
     """
 
     def __init__(self, *, family, model_cfg, cfg, latents_index, latent_path, text_entry, checkpoint_dir: Path, device,
-                 dit_dtype, progress=True, on_checkpoint=None, dist=None, log=None):
+                 dit_dtype, progress=True, on_checkpoint=None, dist=None, log=None, on_sample=None):
         self.family, self.model_cfg, self.cfg = family, model_cfg, cfg
         # on_checkpoint(trainer, label): called at each checkpoint, before it is written, e.g. to write an
         # intermediate LoRA file; label is musubi-tuner's file suffix, "step00000200" or "000002" (epoch 2)
         self.on_checkpoint = on_checkpoint
+        # on_sample(trainer, label): sample the prompts with the LoRA as it is (sampling.sample_every_n_*)
+        self.on_sample = on_sample
         self.latents_index, self.latent_path, self.text_entry = latents_index, latent_path, text_entry
         self.checkpoint_dir, self.device, self.dit_dtype, self.progress = checkpoint_dir, device, dit_dtype, progress
         # several processes (pipeline.distributed): each trains on its own batches, gradients are averaged
@@ -133,6 +135,8 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not show)
         for dit in self.dits.values():
             dit.train()
+        if self.step == 0 and self.cfg.get("sampling", {}).get("sample_at_first"):
+            self.sample("step00000000")
         while self.step < self.max_steps:
             epochs_before = self.consumed // self.batches_per_epoch
             total = 0.0
@@ -160,6 +164,11 @@ class Trainer:
             label = self.checkpoint_label(epochs_before)
             if label and self.step < self.max_steps and self.dist.main:
                 self.save_checkpoint(label)
+            sampling = self.cfg.get("sampling", {})
+            label = self.period_label(sampling.get("sample_every_n_steps"), sampling.get("sample_every_n_epochs"),
+                                      epochs_before, epoch_prefix="e")
+            if label:
+                self.sample(label)
         bar.close()
         for dit in self.dits.values():
             dit.eval()
@@ -184,16 +193,31 @@ class Trainer:
         return max(self.consumed - 1, 0) // self.batches_per_epoch
 
     def checkpoint_label(self, epochs_before: int) -> str | None:
-        """Whether the step just taken ends a save period: "000002" when it completed the 2nd epoch and
-        training.save_every_n_epochs divides 2, "step00000200" for save_every_n_steps, else None."""
+        """Whether the step just taken ends a save period (training.save_every_n_steps / _epochs)."""
         train = self.cfg["training"]
-        every_epochs, every_steps = train.get("save_every_n_epochs"), train.get("save_every_n_steps")
+        return self.period_label(train.get("save_every_n_steps"), train.get("save_every_n_epochs"), epochs_before)
+
+    def period_label(self, every_steps, every_epochs, epochs_before: int, epoch_prefix: str = "") -> str | None:
+        """"000002" (with `epoch_prefix`) when the step just taken completed the 2nd epoch and `every_epochs`
+        divides 2, "step00000200" when `every_steps` divides the step, else None (musubi-tuner's file suffixes)."""
         completed = self.consumed // self.batches_per_epoch
         if every_epochs and completed > epochs_before and completed % every_epochs == 0:
-            return f"{completed:06d}"
+            return f"{epoch_prefix}{completed:06d}"
         if every_steps and self.step % every_steps == 0:
             return f"step{self.step:08d}"
         return None
+
+    def sample(self, label: str) -> None:
+        """Sample the prompts with the LoRA as trained so far (main process; dropouts off meanwhile)."""
+        if self.on_sample is None or not self.dist.main:
+            return
+        for module in [*self.networks.values(), *self.dits.values()]:
+            module.eval()
+        try:
+            self.on_sample(self, label)
+        finally:
+            for module in [*self.networks.values(), *self.dits.values()]:
+                module.train()
 
     def batch_at(self, index: int) -> list[dict]:
         """Batch number `index` of the data order: epoch index // batches_per_epoch, at its position."""
