@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -61,8 +64,11 @@ class Trainer:
         self.log = log  # a training.logs.TrainingLog (main process only), or None
         self.log_every = 10  # steps between timestep histograms (runtime.log_every_n_steps)
         self.recent_timesteps: list[torch.Tensor] = []  # drawn since the last histogram
+        self._reader, self._pending = None, {}  # the thread reading the next batch, see _prefetched
+        self._entries = _RecentEntries(ENTRY_MEMORY_BYTES)  # latents and embeddings read lately
         self.validation_losses: list[list] = []  # [step, loss] pairs
         self.step, self.consumed, self.losses = 0, 0, []  # consumed: batches used so far, by all processes
+        self._unread_losses: list = []  # step losses still on the device, see read_losses
         self.resumed_from = 0
         self._orders: dict[int, list] = {}  # epoch -> its batches, see epoch_order
         self._expert_networks: dict = {}  # expert name -> the network applied to that expert's DiT
@@ -116,13 +122,17 @@ class Trainer:
             self.load_checkpoint(latest[-1])
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Every trainable LoRA parameter once (tied networks share theirs)."""
+        """Every trainable LoRA parameter once (tied networks share theirs); listed once, as walking the
+        module tree every step would cost more than a tiny model's step."""
+        if getattr(self, "_params", None) is not None:
+            return self._params
         params, seen = [], set()
         for network in self.networks.values():
             for p in network.trainable_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
+        self._params = params
         return params
 
     # -- train -------------------------------------------------------------------------------
@@ -144,23 +154,26 @@ class Trainer:
                 index = self.consumed + micro * world + self.dist.rank
                 loss = self.training_loss(self.batch_at(index), index) / accum
                 loss.backward()  # frees the graph; activations do not pile up across accumulation
-                total += loss.item()
+                total = total + loss.detach()  # a tensor: reading it would wait for the GPU every step
             self.consumed += accum * world
             params = self.trainable_parameters()
             if self.dist.active:  # the mean over processes: what one process accumulating all the batches gets
                 self.dist.mean_(_grads(params))
-                total = sum(self.dist.all_gather(total)) / world
+                total = sum(self.dist.all_gather(float(total))) / world
             max_norm = self.cfg["optimizer"]["max_grad_norm"]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+            grad_norm = None
+            if max_norm > 0 or self.log is not None:  # the norm costs a pass over the gradients: only when used
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.losses.append(total)
-            self.log_step(total, grad_norm)
+            self._unread_losses.append(total)
+            if show or self.log is not None:
+                self.log_step(self.read_losses()[-1], grad_norm)
+                bar.set_postfix(loss=f"{self.losses[-1]:.4f}", epoch=self.epoch)
             self.maybe_validate()
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}", epoch=self.epoch)
             label = self.checkpoint_label(epochs_before)
             if label and self.step < self.max_steps and self.dist.main:
                 self.save_checkpoint(label)
@@ -170,11 +183,19 @@ class Trainer:
             if label:
                 self.sample(label)
         bar.close()
+        self.read_losses()
         for dit in self.dits.values():
             dit.eval()
         if self.dist.active:  # every process's batches, per expert
             counts = self.dist.all_gather(self.expert_steps)
             self.expert_steps = {name: sum(c.get(name, 0) for c in counts) for name in set().union(*counts)}
+
+    def read_losses(self) -> list[float]:
+        """`losses` with the steps whose loss was not read yet (it stays on the device until needed)."""
+        if self._unread_losses:
+            self.losses.extend(float(v) for v in self._unread_losses)
+            self._unread_losses = []
+        return self.losses
 
     def maybe_validate(self) -> None:
         """Every training.validate_every_n_steps steps and at the last step, on the main process."""
@@ -247,8 +268,8 @@ class Trainer:
         so they do not depend on how many processes train or where a resumed run restarted."""
         seed = _batch_seed(self.cfg["training"]["seed"], index)
         self.generator.manual_seed(seed)
-        torch.manual_seed(seed)  # LoRA dropouts use torch's global generators
-        latents, cached, embeds = self._load_batch(batch)
+        _seed_dropouts(seed, self.device)
+        latents, cached, embeds = self._prefetched(index, batch)
         noise = torch.randn(latents.shape, generator=self.generator)
         expert, t = self.sample_timesteps(len(batch), tuple(latents.shape[-2:]))
         self.expert_steps[expert.name] = self.expert_steps.get(expert.name, 0) + 1
@@ -256,12 +277,36 @@ class Trainer:
         return self._loss(latents, cached, embeds, noise, t, expert, loss_weights(t, self.timestep_spec))
 
     def _load_batch(self, batch: list[dict]):
-        """(latents, cached conditioning, text embeddings) of a batch of index records."""
-        entries = [load_file(str(self.latent_path(r))) for r in batch]
+        """(latents, cached conditioning, text embeddings on the device) of a batch of index records."""
+        latents, cached, embeds = self._read_batch(batch)
+        return latents, cached, [e.to(self.device, self.dit_dtype) for e in embeds]
+
+    def _read_batch(self, batch: list[dict]):
+        """The batch's tensors as stored (CPU), from memory when read recently; runs in the prefetch thread."""
+        entries = [self._entries.get(("latents", r["entry"]), lambda r=r: load_file(str(self.latent_path(r))))
+                   for r in batch]
         latents = torch.stack([e["latents"] for e in entries])
         cached = {k: torch.stack([e[k] for e in entries]) for k in entries[0] if k != "latents"}
-        embeds = [self.text_entry(r["caption"]).to(self.device, self.dit_dtype) for r in batch]
+        embeds = [self._entries.get(("text", r["caption"]), lambda r=r: {"e": self.text_entry(r["caption"])})["e"]
+                  for r in batch]
         return latents, cached, embeds
+
+    def _prefetched(self, index: int, batch: list[dict]):
+        """Batch `index`'s tensors, read while the previous batch trained on the GPU; starts reading this
+        process's next batch (index + processes) before returning. On the CPU a reading thread would only
+        compete with the step for the cores (measured: benchmarks/train_overhead.py), so it reads in turn."""
+        if not str(self.device).startswith("cuda"):
+            return self._load_batch(batch)
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="musubi-batches")
+        pending = self._pending.pop(index, None)
+        latents, cached, embeds = pending.result() if pending is not None else self._read_batch(batch)
+        for stale in [k for k in self._pending if k < index]:
+            self._pending.pop(stale).cancel()
+        following = index + self.dist.world
+        if following < self.max_steps * self.batches_per_step and following not in self._pending:
+            self._pending[following] = self._reader.submit(self._read_batch, self.batch_at(following))
+        return latents, cached, [e.to(self.device, self.dit_dtype) for e in embeds]
 
     def _loss(self, latents, cached, embeds, noise, t, expert, weights) -> torch.Tensor:
         inputs = self.family.training_inputs(self.model_cfg, latents, noise, t, cached, self.generator)
@@ -295,10 +340,11 @@ class Trainer:
             network.train()
         return total / max(count, 1)
 
-    def log_step(self, loss: float, grad_norm: float) -> None:
+    def log_step(self, loss: float, grad_norm) -> None:
         """Scalars of the step just taken (and, every training.log_every_n_steps, the timesteps drawn)."""
         if self.log is None:
             return
+        grad_norm = None if grad_norm is None else float(grad_norm)
         recent = self.losses[-max(1, math.ceil(self.batches_per_epoch / self.batches_per_step)):]
         values = {"loss/current": loss, "loss/average": sum(recent) / len(recent), "grad_norm": grad_norm}
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -319,7 +365,8 @@ class Trainer:
             self.checkpoint_dir, self.step,
             network_state=self.network_state(),
             optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator,
-            state={"consumed": self.consumed, "epoch": self.epoch, "losses": self.losses, "expert_steps": self.expert_steps,
+            state={"consumed": self.consumed, "epoch": self.epoch, "losses": self.read_losses(),
+                   "expert_steps": self.expert_steps,
                    "validation_losses": self.validation_losses},
             keep=self.cfg["training"].get("save_last_n_states") or 1,
         )
@@ -347,6 +394,9 @@ class Trainer:
 
     # -- cleanup -----------------------------------------------------------------------------
     def cleanup(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader, self._pending = None, {}
         for network in self._expert_networks.values():
             network.restore()
         del self.dits, self.optimizer
@@ -356,6 +406,42 @@ class Trainer:
 
 # TensorBoard tags of the optimizer's parameter groups (musubi-tuner calls the LoRA's group "unet")
 _LR_TAGS = {"default": "unet", None: "unet", "lora_down": "unet", "lora_up": "unet plus"}
+
+
+# Cached items kept in memory by the trainer (the data of a small dataset is read from disk once)
+ENTRY_MEMORY_BYTES = 1 << 30
+
+
+class _RecentEntries:
+    """The most recently used item entries (dicts of tensors), up to a total size in bytes."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size, self.items = limit, 0, OrderedDict()
+        self.lock = threading.Lock()  # the batch-reading thread and validation share it
+
+    def get(self, key, load):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key][0]
+        value = load()
+        nbytes = sum(t.numel() * t.element_size() for t in value.values())
+        with self.lock:
+            if nbytes <= self.limit and key not in self.items:
+                self.items[key] = (value, nbytes)
+                self.size += nbytes
+                while self.size > self.limit:
+                    _, (_, dropped) = self.items.popitem(last=False)
+                    self.size -= dropped
+        return value
+
+
+def _seed_dropouts(seed: int, device) -> None:
+    """Seed the global generators LoRA dropouts draw from: the CPU's, and the GPU's when training on one
+    (torch.manual_seed would also visit every other backend, which costs more than a tiny step)."""
+    torch.default_generator.manual_seed(seed)
+    if str(device).startswith("cuda"):
+        torch.cuda.manual_seed(seed)
 
 
 def _batch_seed(seed: int, index: int) -> int:
