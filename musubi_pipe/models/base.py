@@ -129,6 +129,9 @@ class Family(Protocol):
 
     def load_dit(self, model_cfg: dict, device, dtype, expert: str = ""): ...
 
+    def blocks(self, dit) -> list[Any]:
+        """The DiT's repeated transformer blocks, in order (the units of FSDP sharding and block swap)."""
+
     def lora_targets(self, dit) -> dict[str, Any]:
         """Return {official module name: torch.nn.Linear} of the modules a LoRA trains by default."""
 

@@ -82,6 +82,25 @@ class Dist:
         return items[self.rank :: self.world]
 
 
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (`accelerate launch --use_fsdp`, or ACCELERATE_USE_FSDP=true)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def shard_frozen(model, blocks, dist: Dist) -> None:
+    """Shard a frozen model's weights across the processes with FSDP2 (`fully_shard`): each block and
+    then the rest. Every process then holds 1/N of the weights; a block's are gathered just for its
+    forward and backward. LoRA modules hooked into the model's Linear layers stay whole, outside it.
+    `FSDP_OFFLOAD_PARAMS=true` (accelerate's fsdp_offload_params) keeps the shards in CPU memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("1", "true", "yes")
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    for block in blocks:
+        fully_shard(block, offload_policy=policy)
+    fully_shard(model, offload_policy=policy)
+
+
 @lru_cache(maxsize=1)
 def current() -> Dist:
     """The Dist of this process: from the launcher's environment (WORLD_SIZE, RANK, LOCAL_RANK)."""

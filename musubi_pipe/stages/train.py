@@ -163,6 +163,8 @@ def _sampler(ctx: StageContext, text_index: dict):
             conds.extend(prompt_conditions(family, model, prompts, device, vae_dtype))
         latents = render(family, trainer.experts, trainer.dits, family.geometry(model), prompts, conds, embedding,
                          device, progress=False)
+        if not trainer.dist.main:  # with FSDP every process renders (the weights are spread); the main one writes
+            return
         folder = ctx.partial_dir() / "samples"
         folder.mkdir(exist_ok=True)
         written = write_samples(family, model, prompts, latents, folder, label, fps, device, vae_dtype)

@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from musubi_pipe.network.factory import build_network, param_groups
-from musubi_pipe.pipeline.distributed import Dist
+from musubi_pipe.errors import UserError
+from musubi_pipe.pipeline.distributed import Dist, fsdp_requested, shard_frozen
 from musubi_pipe.network.lora import LoRANetwork
 from musubi_pipe.network.lora_file import load_lora_file
 from musubi_pipe.training import checkpoint as ckpt
@@ -66,6 +67,7 @@ class Trainer:
         self.recent_timesteps: list[torch.Tensor] = []  # drawn since the last histogram
         self._reader, self._pending = None, {}  # the thread reading the next batch, see _prefetched
         self._entries = _RecentEntries(ENTRY_MEMORY_BYTES)  # latents and embeddings read lately
+        self.fsdp = False  # DiT weights sharded over the processes (set in setup)
         self.validation_losses: list[list] = []  # [step, loss] pairs
         self.step, self.consumed, self.losses = 0, 0, []  # consumed: batches used so far, by all processes
         self._unread_losses: list = []  # step losses still on the device, see read_losses
@@ -79,11 +81,21 @@ class Trainer:
         train, opt, net = self.cfg["training"], self.cfg["optimizer"], self.cfg["network"]
         self.experts = active_experts(self.family.experts(self.model_cfg), train.get("experts", "both"))
         offload = bool(self.cfg["memory"].get("offload_inactive_dit")) and len(self.experts) > 1
+        fsdp = self.fsdp = self.dist.active and fsdp_requested()
+        if fsdp and offload:
+            raise UserError("memory.offload_inactive_dit and FSDP (accelerate launch --use_fsdp) both move the DiT's "
+                            "weights; use one (FSDP already spreads them over the processes)")
         dits = {}
         for expert in self.experts:
-            dit = self.family.load_dit(self.model_cfg, "cpu" if offload else self.device, self.dit_dtype, expert=expert.name)
+            # with FSDP the whole DiT is read into CPU memory and each process moves only its shard to the GPU
+            where = "cpu" if offload or fsdp else self.device
+            dit = self.family.load_dit(self.model_cfg, where, self.dit_dtype, expert=expert.name)
             if self.cfg["memory"].get("gradient_checkpointing"):
                 dit.enable_gradient_checkpointing()
+            if fsdp:
+                shard_frozen(dit, self.family.blocks(dit), self.dist)
+                log.info("train: FSDP: the %sDiT's weights are sharded over %d processes",
+                         f"{expert.name} " if expert.name else "", self.dist.world)
             dits[expert.name] = dit
         self.dits = ExpertDits(dits, self.device, offload)
         torch.manual_seed(train["seed"])  # LoRA init draws from the global RNG
@@ -200,7 +212,7 @@ class Trainer:
     def maybe_validate(self) -> None:
         """Every training.validate_every_n_steps steps and at the last step, on the main process."""
         every = self.cfg["training"].get("validate_every_n_steps")
-        if not self.validation_records or not self.dist.main:
+        if not self.validation_records or not (self.dist.main or self.fsdp):  # sharded: every process takes part
             return
         if (every and self.step % every == 0) or self.step == self.max_steps:
             loss = self.validation_loss()
@@ -230,7 +242,7 @@ class Trainer:
 
     def sample(self, label: str) -> None:
         """Sample the prompts with the LoRA as trained so far (main process; dropouts off meanwhile)."""
-        if self.on_sample is None or not self.dist.main:
+        if self.on_sample is None or not (self.dist.main or self.fsdp):  # sharded: every process takes part
             return
         for module in [*self.networks.values(), *self.dits.values()]:
             module.eval()

@@ -196,6 +196,9 @@ class WanFamily:
         task = get_task(model_cfg.get("task"))
         return loading.load_dit(value, task, device, dtype, key=key, expert=expert)
 
+    def blocks(self, dit) -> list:
+        return list(dit.blocks)
+
     def lora_targets(self, dit) -> dict:
         from torch import nn
 
