@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import importlib.machinery
 import types
 
 import numpy as np
@@ -142,7 +143,9 @@ def _fake_wandb(monkeypatch) -> types.SimpleNamespace:
         return state.run
 
     module = types.ModuleType("wandb")
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # accelerate looks for the package
     module.init = init
+    module.config = state.run.config  # accelerate's WandBTracker stores the configuration through wandb.config
     module.Histogram = lambda values: ("histogram", len(values))
     module.Image = lambda array, caption=None: ("image", array.shape, caption)
     module.Video = lambda array, fps, format: ("video", array.shape, fps, format)

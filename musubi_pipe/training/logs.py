@@ -8,13 +8,12 @@ loop creates it on the main process only. `log_with` picks the backends:
 - "wandb": a W&B run (`wandb.init(project=run_name)`). Needs `pip install wandb`.
 - "all": TensorBoard, plus W&B when wandb is installed (a warning says so when it is not).
 
-This module does not use accelerate's `TensorBoardTracker` and `WandBTracker`. Their start/log
-methods call accelerate's multi-process logger, which raises RuntimeError unless a `PartialState`
-or `Accelerator` already exists. A single-process run here never creates one (see
-`pipeline/distributed.py`). The trackers would also give no access to histograms or videos, and
-they write `hparams.yml` into a timestamped subfolder. The writers they wrap are used directly
-instead, with the same folder layout (`log_dir/run_name`) and the same W&B project (`run_name`).
-Only accelerate's `is_wandb_available` is used.
+W&B goes through accelerate's `WandBTracker` (its start, configuration and scalar logging; the
+histograms, images and videos it has no method for go to its `wandb` run). Accelerate's trackers need
+an accelerate state, so one is created first (`PartialState()`; a single process has none
+otherwise, see `pipeline/distributed.py`). TensorBoard is written with `torch.utils.tensorboard`
+directly: accelerate's `TensorBoardTracker` gives no access to histograms or videos and writes
+`hparams.yml` into a timestamped subfolder.
 
 Tags, named as musubi-tuner names them (section 4.13 of the contract):
 
@@ -303,33 +302,38 @@ class _TensorBoard:
 
 
 class _WandB:
-    """A W&B run (`wandb.init(project=run_name, dir=log_dir, **kwargs)`)."""
+    """A W&B run through accelerate's `WandBTracker` (`wandb.init(project=run_name, dir=log_dir, **kwargs)`)."""
 
     name = "wandb"
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self.run = tracker.tracker
 
     @classmethod
     def start(cls, log_dir: Path, run_name: str, kwargs: dict[str, Any]) -> _WandB:
         if not _wandb_available():
             raise UserError("training.log_with: logging to W&B needs the wandb package, which is not installed: "
                             "pip install wandb (or set training.log_with=tensorboard)")
-        import wandb
+        from accelerate import PartialState
+        from accelerate.tracking import WandBTracker
 
+        PartialState()  # accelerate's trackers need its state; a single process has none until now
         kwargs.setdefault("dir", str(log_dir))
         try:
             Path(kwargs["dir"]).mkdir(parents=True, exist_ok=True)
-            return cls(wandb.init(project=run_name, **kwargs))
+            tracker = WandBTracker(run_name, **kwargs)
+            tracker.start()
+            return cls(tracker)
         except Exception as error:  # noqa: BLE001 - wandb raises many kinds (auth, network, usage)
             raise UserError(f"training.log_with: cannot start the W&B run {run_name!r}: {type(error).__name__}: "
                             f"{error}. Run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline.") from error
 
     def config(self, flat: Mapping[str, Any]) -> None:
-        self.run.config.update(dict(flat), allow_val_change=True)
+        self.tracker.store_init_configuration(dict(flat))
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        self.run.log(dict(values), step=step)
+        self.tracker.log(dict(values), step=step)
 
     def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
         import wandb
