@@ -30,11 +30,15 @@ def check_structure(cfg: dict) -> list[tuple[str, str]]:
     body = {k: v for k, v in cfg.items() if k != "hydra"}
     problems = check_mapping("", body, _schema_for(cfg))
     dataset = body.get("dataset") or {}
-    if isinstance(dataset, dict) and dataset.get("datasets") == []:
+    stages = (body.get("pipeline") or {}).get("stages") or []
+    from musubi_pipe.stages import DATASET_STAGES
+
+    needs_data = any(name in DATASET_STAGES for name in stages)
+    if isinstance(dataset, dict) and dataset.get("datasets") == [] and needs_data:
         problems.append(("dataset.datasets", "is empty; add at least one image_directory or video_directory entry, "
                          "e.g. 'dataset.datasets=[{video_directory:/data/clips,target_frames:[81]}]', or give a "
                          "musubi-tuner dataset file with dataset.musubi_config=path/to/dataset.toml"))
-    elif isinstance(dataset.get("datasets"), list) and isinstance(dataset.get("general", {}), dict):
+    elif isinstance(dataset.get("datasets"), list) and isinstance(dataset.get("general", {}), dict) and needs_data:
         problems += check_datasets(dataset.get("general"), dataset["datasets"], "dataset")
     for i, prompt in enumerate((body.get("sampling") or {}).get("prompts") or []):
         problems += check_mapping(f"sampling.prompts[{i}]", prompt, PROMPT_KEYS)
@@ -58,6 +62,16 @@ def check_training_settings(cfg: dict) -> list[tuple[str, str]]:
     return problems + check_spec(train)
 
 
+def read_prompt_file(cfg: dict) -> None:
+    """Append the prompts of sampling.prompt_file (musubi-tuner's inline syntax) to sampling.prompts, in place."""
+    from musubi_pipe.sampling.prompts import read_prompt_file as read
+
+    sampling = cfg.get("sampling")
+    path = sampling.get("prompt_file") if isinstance(sampling, dict) else None
+    if isinstance(path, str):
+        sampling["prompts"] = list(sampling.get("prompts") or []) + read(path)
+
+
 def read_musubi_config(cfg: dict) -> None:
     """Replace dataset.general/datasets with a musubi-tuner dataset file's, when dataset.musubi_config names one."""
     from musubi_pipe.data.dataset_config import load_musubi_config
@@ -78,6 +92,7 @@ def validate(cfg: dict) -> None:
     A musubi-tuner dataset file (dataset.musubi_config) is read into `cfg` first, in place.
     """
     read_musubi_config(cfg)
+    read_prompt_file(cfg)
     problems = check_structure(cfg)
     if not problems:
         problems = check_training_settings(cfg)
@@ -92,8 +107,13 @@ def validate(cfg: dict) -> None:
     if problems:
         raise ConfigError(problems)
     problems = _check_experts(cfg, family) + _check_dataset_features(cfg["dataset"])
-    if "sample" in cfg["pipeline"]["stages"]:
+    stages = cfg["pipeline"]["stages"]
+    if "sample" in stages or ("generate" in stages and not cfg["sampling"].get("latents")):
         problems += check_prompts(cfg["sampling"], family.geometry(cfg["model"]), family.sample_image(cfg["model"]))
+    if "generate" in stages:
+        from musubi_pipe.stages.generate import check_generate
+
+        problems += check_generate(cfg["sampling"])
     if problems:
         raise ConfigError(problems)
 

@@ -63,7 +63,11 @@ def plan(job: Job, stages: list[Stage], selected: list[str], mode: str = "auto",
     """Return a PlannedStage per stage, in order, with fingerprints and run/cached reasons."""
     fps: dict[str, str] = {}
     planned = []
+    needed = _needed(stages, selected)
     for stage in stages:
+        if stage.name not in needed:  # neither selected nor feeding a selected stage: nothing to plan
+            planned.append(PlannedStage(stage, {}, "", False, False, "not needed"))
+            continue
         doc = build_document(job, stage, fps)
         fp = fingerprint(doc)
         fps[stage.name] = fp
@@ -79,6 +83,18 @@ def plan(job: Job, stages: list[Stage], selected: list[str], mode: str = "auto",
         artifact = job.store.entry_dir(stage.name, fp) if manifest is not None else None
         planned.append(PlannedStage(stage, doc, fp, is_selected, cached, reason, artifact))
     return planned
+
+
+def _needed(stages: list[Stage], selected: list[str]) -> set[str]:
+    """The selected stages and every stage they consume, directly or not."""
+    by_name = {s.name: s for s in stages}
+    needed, todo = set(), [name for name in selected if name in by_name]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(by_name[name].upstream)
+    return needed
 
 
 def explain(last: dict | None, doc: dict) -> str:
@@ -113,7 +129,7 @@ def format_plan(planned: list[PlannedStage]) -> str:
             status = "not selected"
         else:
             status = "cached" if p.cached else "will run"
-        line = f"{p.stage.name:<14} {status:<12} {p.fingerprint[:12]}"
+        line = f"{p.stage.name:<14} {status:<12} {p.fingerprint[:12] or '-'}"
         if p.selected and not p.cached:
             line += f"  {p.stage.name}: {p.reason}"
         lines.append(line)

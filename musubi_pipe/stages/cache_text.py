@@ -28,14 +28,14 @@ def inputs(job: Job) -> dict:
     }
 
 
-def run(ctx: StageContext) -> dict:
+def encode_texts(job: Job, texts: list[str], force: bool = False, progress: bool = True) -> tuple[dict[str, str], int]:
+    """Make sure every text has its entry in the store (this process's share, with several); return
+    ({text: entry key}, how many were encoded here and elsewhere). Used by cache_text and generate."""
     import torch
     from tqdm import tqdm
 
-    job = ctx.job
-    texts = all_texts(job)
     keys = {text: common.text_key(job, text) for text in texts}
-    todo = [t for t in texts if ctx.force or not job.store.has_item(KIND, keys[t])]
+    todo = [t for t in texts if force or not job.store.has_item(KIND, keys[t])]
     mine = job.dist.shard(todo)  # several processes: each encodes its share
     if mine:
         device = common.resolve_device(job)
@@ -43,13 +43,19 @@ def run(ctx: StageContext) -> dict:
         encoder = common.family(job).load_text_encoder(common.model_cfg(job), device, dtype)
         batches = [mine[i : i + BATCH] for i in range(0, len(mine), BATCH)]
         with torch.no_grad():
-            show = ctx.runtime.get("progress", True) and job.dist.main
-            for batch in tqdm(batches, desc="cache_text", disable=not show):
+            for batch in tqdm(batches, desc="text encoder", disable=not (progress and job.dist.main)):
                 for text, embedding in zip(batch, encoder.encode(batch)):
                     common.save_item(job.store.item_path(KIND, keys[text]), {"embedding": embedding.float().cpu()})
         del encoder
+    return keys, len(todo)
+
+
+def run(ctx: StageContext) -> dict:
+    job = ctx.job
+    texts = all_texts(job)
+    keys, computed = encode_texts(job, texts, ctx.force, ctx.runtime.get("progress", True))
     (ctx.out_dir / "index.json").write_text(json.dumps(keys, indent=1, ensure_ascii=False))
-    return {"items_total": len(texts), "items_computed": len(todo)}
+    return {"items_total": len(texts), "items_computed": computed}
 
 
 def check(job: Job, artifact) -> str | None:

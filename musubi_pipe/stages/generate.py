@@ -1,0 +1,219 @@
+"""generate: sample prompts with any LoRA files, no training and no dataset needed.
+
+    python -m musubi_pipe +recipe=wan21_t2v_14b pipeline.stages=[generate] ... \\
+        'sampling.loras=[{path: /loras/style.safetensors, multiplier: 0.8}, {path: /loras/char.safetensors}]' \\
+        sampling.prompt_file=prompts.txt sampling.output_type=both
+
+Prompts come from `sampling.prompts` and `sampling.prompt_file` (musubi-tuner's inline syntax, see
+sampling.prompts), with the same per-prompt settings as the sample stage. Their embeddings use the
+store's text entries (the text encoder runs only for texts not encoded before). Each LoRA entry is
+`{path, multiplier (1.0), expert (both | high | low; Wan2.2 A14B), include_patterns, exclude_patterns}`;
+the patterns pick modules of that file by the network rule (include narrows, exclude removes; full
+match on the official module path). LoRAs are applied as hooks, unmerged; `sampling.merge_loras=true`
+merges them into the DiT weights instead (faster steps, same result up to rounding). Two LoRAs that
+touch the same modules are reported with a warning listing them.
+
+`sampling.output_type`: video (png for one frame, mp4 for more; the default), images (a folder of
+png frames per prompt), latent (the latents only), both (media and latents). `sampling.latents`
+(a list of saved `*.safetensors` latents, e.g. from an earlier run) decodes those instead of sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from musubi_pipe.pipeline.stage import Job, Stage, StageContext
+from musubi_pipe.stages import common
+
+log = logging.getLogger("musubi_pipe")
+OUTPUT_TYPES = ("video", "images", "latent", "both")
+EXPERT_CHOICES = ("both", "high", "low")
+
+
+def _prompts(job: Job) -> list[dict]:
+    from musubi_pipe.stages.sample import prompt_settings
+
+    return prompt_settings(job.cfg["sampling"], common.family(job).sampling_defaults(common.model_cfg(job)))
+
+
+def inputs(job: Job) -> dict:
+    from musubi_pipe.stages.sample import inputs as sample_inputs
+
+    sampling = job.cfg["sampling"]
+    doc = sample_inputs(job)
+    doc["loras"] = [dict(entry, path=job.digests.digest(entry["path"])) for entry in sampling.get("loras") or []]
+    doc["latents"] = [job.digests.digest(path) for path in sampling.get("latents") or []]
+    if not sampling.get("latents"):
+        doc["text"] = job.cached("text_doc", lambda: common.encoder_document(job, "text", "t5_dtype"))
+    return doc
+
+
+def check_generate(sampling: dict) -> list[tuple[str, str]]:
+    """Problems of the generate settings, before anything loads."""
+    import os
+
+    problems = []
+    if sampling.get("output_type", "video") not in OUTPUT_TYPES:
+        problems.append(("sampling.output_type", f"is {sampling.get('output_type')!r}; choose one of {list(OUTPUT_TYPES)}"))
+    for i, entry in enumerate(sampling.get("loras") or []):
+        key = f"sampling.loras[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            problems.append((key, "must be {path: <LoRA file>, multiplier: <number>} (multiplier optional)"))
+            continue
+        unknown = set(entry) - {"path", "multiplier", "expert", "include_patterns", "exclude_patterns"}
+        if unknown:
+            problems.append((key, f"unknown keys {sorted(unknown)}; allowed: path, multiplier, expert, "
+                             "include_patterns, exclude_patterns"))
+        if not os.path.isfile(entry["path"]):
+            problems.append((f"{key}.path", f"{entry['path']} does not exist; fix the path"))
+        if entry.get("expert", "both") not in EXPERT_CHOICES:
+            problems.append((f"{key}.expert", f"is {entry.get('expert')!r}; choose one of {list(EXPERT_CHOICES)}"))
+    for i, path in enumerate(sampling.get("latents") or []):
+        if not os.path.isfile(path):
+            problems.append((f"sampling.latents[{i}]", f"{path} does not exist; point it at a saved latent file"))
+    return problems
+
+
+def _lora_network(family, dit, entry: dict, key: str):
+    """The network of one sampling.loras entry for one DiT, its modules narrowed by the entry's patterns."""
+    from musubi_pipe.network.factory import network_from_weights
+    from musubi_pipe.network.lora import lora_name
+    from musubi_pipe.network.lora_file import load_lora_file
+    from musubi_pipe.network.targets import select_targets
+
+    tensors, _ = load_lora_file(entry["path"])
+    targets = family.lora_targets(dit)
+    if entry.get("include_patterns") or entry.get("exclude_patterns"):
+        in_file = {o: m for o, m in targets.items() if any(k.startswith(lora_name(o) + ".") for k in tensors)}
+        kept = select_targets(in_file, entry.get("include_patterns") or [], entry.get("exclude_patterns") or [], where=key)
+        names = {lora_name(o) for o in kept}
+        tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 2)[0] in names or k.rsplit(".", 1)[0] in names}
+    return network_from_weights(targets, tensors, multiplier=float(entry.get("multiplier", 1.0)), source=entry["path"])
+
+
+def _warn_overlaps(expert: str, loaded: list[tuple[str, set[str]]]) -> None:
+    for i, (path_a, modules_a) in enumerate(loaded):
+        for path_b, modules_b in loaded[i + 1 :]:
+            shared = sorted(modules_a & modules_b)
+            if shared:
+                shown = ", ".join(shared[:10]) + (f" and {len(shared) - 10} more" if len(shared) > 10 else "")
+                log.warning("LoRAs %s and %s both change %d module(s)%s: %s", path_a, path_b, len(shared),
+                            f" of the {expert} expert" if expert else "", shown)
+
+
+def _load(job: Job, device, dtype):
+    """Every expert's DiT with the sampling.loras applied (hooks) or merged; return (ExpertDits, networks)."""
+    from musubi_pipe.models.experts import ExpertDits
+
+    family, model, sampling = common.family(job), common.model_cfg(job), job.cfg["sampling"]
+    experts = family.experts(model)
+    offload = bool(job.cfg["memory"].get("offload_inactive_dit")) and len(experts) > 1
+    dits, networks = {}, []
+    for expert in experts:
+        dit = family.load_dit(model, "cpu" if offload else device, dtype, expert=expert.name)
+        loaded = []
+        for i, entry in enumerate(sampling.get("loras") or []):
+            wanted = entry.get("expert", "both")
+            if wanted != "both" and f"{wanted}_noise" != expert.name:
+                continue
+            network = _lora_network(family, dit, entry, f"sampling.loras[{i}]")
+            network.to(dit.device)
+            loaded.append((entry["path"], set(network.official_names)))
+            if sampling.get("merge_loras"):
+                network.merge_into_base(float(entry.get("multiplier", 1.0)))
+            else:
+                network.apply_to()
+                networks.append(network)
+        _warn_overlaps(expert.name, loaded)
+        dits[expert.name] = dit
+    return ExpertDits(dits, device, offload), networks
+
+
+def _embeddings(job: Job, prompts: list[dict], device, dtype, progress: bool):
+    from safetensors.torch import load_file
+
+    from musubi_pipe.stages.cache_text import KIND, encode_texts
+
+    texts = sorted({p["prompt"] for p in prompts} | {p["negative_prompt"] for p in prompts})
+    keys, _ = encode_texts(job, texts, progress=progress)
+
+    def embedding(text):
+        return load_file(str(job.store.item_path(KIND, keys[text])))["embedding"].to(device, dtype)
+
+    return embedding
+
+
+def run(ctx: StageContext) -> dict:
+    from safetensors.torch import load_file
+
+    from musubi_pipe.stages.sample import prompt_conditions, render
+
+    job, sampling = ctx.job, ctx.cfg["sampling"]
+    if not job.dist.main:
+        return {}
+    family, model = common.family(job), common.model_cfg(job)
+    device = common.resolve_device(job)
+    dit_dtype = common.torch_dtype(common.resolve_dtype(job, "dit_dtype"))
+    vae_dtype = common.torch_dtype(common.resolve_dtype(job, "vae_dtype"))
+    defaults = family.sampling_defaults(model)
+    fps = sampling.get("fps") or defaults["fps"]
+    output_type = sampling.get("output_type") or "video"
+    progress = ctx.runtime.get("progress", True)
+    if sampling.get("latents"):  # decode only
+        latents = [load_file(path)["latents"][None] for path in sampling["latents"]]
+        prompts = [{"prompt": "", "frames": (t.shape[2] - 1) * family.geometry(model).vae_stride[0] + 1} for t in latents]
+    else:
+        prompts = _prompts(job)
+        embedding = _embeddings(job, prompts, device, dit_dtype, progress)
+        conds = prompt_conditions(family, model, prompts, device, vae_dtype)
+        dits, networks = _load(job, device, dit_dtype)
+        latents = render(family, family.experts(model), dits, family.geometry(model), prompts, conds, embedding,
+                         device, progress)
+        for network in networks:
+            network.restore()
+        del dits, networks
+    files = _write(family, model, prompts, latents, ctx.out_dir, output_type, fps, device, vae_dtype)
+    return {"outputs": {"samples": files}, "prompts": [p["prompt"] for p in prompts], "output_type": output_type}
+
+
+def _write(family, model, prompts, latents, out_dir, output_type: str, fps, device, vae_dtype) -> list[str]:
+    """Write what output_type asks for; return the file (or folder) names."""
+    from safetensors.torch import save_file
+
+    from musubi_pipe.data.media import write_png
+    from musubi_pipe.stages.sample import write_samples
+
+    if output_type == "latent":
+        names = []
+        for i, value in enumerate(latents):
+            save_file({"latents": value[0].contiguous()}, str(out_dir / f"sample_{i:02d}.safetensors"))
+            names.append(f"sample_{i:02d}.safetensors")
+        return names
+    written = write_samples(family, model, prompts, latents, out_dir, "sample", fps, device, vae_dtype)
+    names = []
+    for i, (path, frames) in enumerate(written):
+        if output_type == "images":
+            path.unlink()
+            folder = out_dir / f"sample_{i:02d}"
+            folder.mkdir()
+            for j, frame in enumerate(frames):
+                write_png(folder / f"{j:05d}.png", frame)
+            names.append(folder.name)
+        else:
+            names.append(path.name)
+        latent_file = out_dir / f"sample_{i:02d}.safetensors"
+        if output_type == "both":
+            names.append(latent_file.name)
+        else:
+            latent_file.unlink()
+    return names
+
+
+STAGE = Stage(
+    name="generate",
+    version=1,
+    upstream=(),
+    keys=("model.arch", "model.task", "sampling"),
+    inputs=inputs,
+    run=run,
+)
