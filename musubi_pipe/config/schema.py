@@ -120,6 +120,8 @@ SCHEMA: dict[str, dict] = {
         "fps": "int?",
         "image": "str?",
     },
+    "ema": {"beta": "float", "beta2": "float?", "sigma_rel": "float?"},
+    "merge": {"multiplier": "float", "dtype": ("bfloat16", "float16", "float32", None)},
     "pipeline": {
         "stages": "list",
         "mode": ("auto", "force", "frozen"),

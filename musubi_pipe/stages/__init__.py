@@ -8,11 +8,11 @@ from __future__ import annotations
 
 def all_stages():
     """Return every Stage in execution order."""
-    from musubi_pipe.stages import cache_latents, cache_text, generate, sample, train
+    from musubi_pipe.stages import cache_latents, cache_text, ema, generate, merge, sample, train
 
-    return [cache_latents.STAGE, cache_text.STAGE, train.STAGE, sample.STAGE, generate.STAGE]
+    return [cache_latents.STAGE, cache_text.STAGE, train.STAGE, sample.STAGE, ema.STAGE, merge.STAGE, generate.STAGE]
 
 
-STAGE_NAMES = ("cache_latents", "cache_text", "train", "sample", "generate")
+STAGE_NAMES = ("cache_latents", "cache_text", "train", "sample", "ema", "merge", "generate")
 # stages that read the dataset (directly or through their upstream stages)
-DATASET_STAGES = ("cache_latents", "cache_text", "train", "sample")
+DATASET_STAGES = ("cache_latents", "cache_text", "train", "sample", "ema", "merge")

@@ -15,7 +15,11 @@ from musubi_pipe.errors import UserError
 
 # verb -> module (imported when the parser is built; each must stay torch-free at import time)
 VERBS: dict[str, str] = {
+    "convert": "musubi_pipe.tools.convert",
+    "ema": "musubi_pipe.tools.ema",
     "gc": "musubi_pipe.tools.gc",
+    "inspect": "musubi_pipe.tools.inspect_lora",
+    "merge": "musubi_pipe.tools.merge",
 }
 
 
@@ -23,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the parser: one subcommand per entry of VERBS, with the module's docstring as --help."""
     parser = argparse.ArgumentParser(
         prog="python -m musubi_pipe.tools",
-        description="One-off maintenance commands for musubi_pipe caches and outputs. "
+        description="One-off commands for LoRA files, models and the cache of musubi_pipe. "
         "Run `python -m musubi_pipe.tools VERB --help` for the options of one verb.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,0 +1,522 @@
+"""Merge LoRA/LoHa/LoKr files into a Wan DiT, streaming tensor by tensor, into one official-format .safetensors.
+
+    report = merge_loras("wan2.1_t2v_1.3B_bf16.safetensors", [("style.safetensors", 0.8), ("face.safetensors", 1.0)],
+                         "wan_merged.safetensors", dtype="bfloat16", device="cuda")
+
+What it writes: W' = W + Σ_k multiplier_k · ΔW_k for every module a LoRA targets (ΔW computed in float32 on `device`,
+then cast to the tensor's output dtype); every other tensor is copied unchanged (bitwise, when its dtype is kept). The
+output has the official Wan key names (`blocks.0.self_attn.q.weight`, ...), loadable by musubi_pipe's loader, ComfyUI
+and musubi-tuner, and a `__metadata__` with `ss_merged_loras` (JSON list of {file, multiplier, sshs_model_hash}).
+
+Inputs (resolved by models/wan/locate.py, as the training config's model.dit is):
+- an official single file or shard set (`--dit` on any shard, or every shard), ComfyUI files (the
+  `model.diffusion_model.` / `diffusion_model.` prefix is stripped), fp16/bf16/fp32 or plain fp8_e4m3fn
+  (fp8 tensors are upcast: to `dtype`, else to the file's most common other float dtype, else bfloat16);
+- an official Wan-AI folder, e.g. Wan2.2-T2V-A14B/high_noise_model (config.json of class WanModel + shards);
+- a diffusers transformer folder or pipeline root (keys renamed to official names with keymap's rule table).
+ComfyUI fp8_scaled files and .pth files are refused. Wan2.2 A14B has two experts, i.e. two DiTs: merge each with its
+own LoRA in its own call (`expert` picks one inside a repo root or a diffusers pipeline root).
+
+LoRA files: the musubi/sd-scripts layout (`lora_unet_<official name, dots as underscores>` + lora_down/lora_up/alpha,
+or LoHa hada_*, or LoKr lokr_*) is mapped back to official module names through the DiT's own module list (every 2-D
+`<module>.weight`, so LoRAs on head.head or text_embedding work too); every other layout network/formats.py reads
+(ComfyUI/diffusion-pipe `diffusion_model.`, diffusers/PEFT `transformer.`, ai-toolkit, Wan-Fun) goes through its
+`read_lora`. Scales follow ComfyUI: LoRA alpha/rank(down), LoHa alpha/rank(w1_b), LoKr alpha/rank of a decomposed
+factor (1 when both factors are full); a missing or zero alpha means alpha = rank, as the trainer reads it. Per-LoRA
+`include`/`exclude` patterns select modules with the rule of network/targets.py (re.fullmatch on the official module
+path; include is a whitelist, exclude wins).
+
+Memory: the output header (names, dtypes, shapes, offsets) is computed up front from the input headers, then each
+tensor is read, merged and written before the next one is read, so the peak is about the largest tensor three times
+over (as read, its float32 copy, the cast result; a LoRA is added with one addmm, LoHa/LoKr add a ΔW-sized float32
+temporary) plus the LoRAs, never a whole model: merging a rank-32 LoRA into a 2 GiB bf16 file of Wan-14B-sized
+tensors (13824×5120 FFN weights) peaked at +440 MiB resident, where load-merge-save_file took +4 GiB. Each tensor is
+read through its own short-lived `safe_open`: one long-lived handle keeps every page it touched mapped, and resident
+memory then grows to the size of the input. The file is written to a temporary file in the output folder, fsynced,
+re-opened with safetensors to check its header, and moved into place with os.replace: a reader never sees a partial
+file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from musubi_pipe.errors import ConfigError, UserError
+from musubi_pipe.models.files import safetensors_header
+from musubi_pipe.models.wan.locate import is_fp8_scaled, locate_dit, strip_dit_prefix
+from musubi_pipe.network.factory import network_kind_of
+from musubi_pipe.network.formats import read_lora
+from musubi_pipe.network.lora import KIND_TITLES, lora_name
+from musubi_pipe.network.lora_file import _fsync_dir, load_lora_file, model_hashes
+
+DIT_KEY = "--dit"
+# safetensors dtype codes <-> torch dtypes
+DTYPE_CODES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+CODE_OF = {dtype: code for code, dtype in DTYPE_CODES.items()}
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_FP8 = ("F8_E4M3", "F8_E5M2")
+_FLOATS = ("F64", "F32", "F16", "BF16", *_FP8)
+# the key suffixes each adapter type may hold per module
+ADAPTER_SUFFIXES = {
+    "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"},
+}
+_WRONG_MODEL = "a LoRA trained for another model or variant (a 14B LoRA on the 1.3B model?)"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to merge: its file, multiplier and (optional) module patterns."""
+
+    path: Path
+    multiplier: float = 1.0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    """One tensor of the DiT: the file and key it is read from, its official name, dtype code and shape."""
+
+    file: Path
+    key: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Adapter(NamedTuple):
+    """One module of a LoRA file: its type ("lora", "loha", "lokr") and tensors by musubi key suffix."""
+
+    kind: str
+    parts: dict[str, torch.Tensor]
+
+
+@dataclass
+class LoadedLora:
+    """A LoRA file's adapters by official module name (tensors on the merge device), after include/exclude."""
+
+    spec: LoraSpec
+    modules: dict[str, Adapter]
+    model_hash: str
+    available: frozenset[str]  # every module of the file, before include/exclude
+
+
+# -- the DiT side --------------------------------------------------------------------------------------------------
+def resolve_dit(dit: str | os.PathLike | Sequence[str | os.PathLike], expert: str = "") -> tuple[list[Path], str]:
+    """The .safetensors files of the DiT `dit` (one path, or several: shards) and their layout, "official" or
+    "diffusers". UserError names the path and what to pass instead."""
+    values = [dit] if isinstance(dit, (str, os.PathLike)) else list(dit)
+    if not values:
+        raise UserError(f"{DIT_KEY}: no DiT given; pass the DiT file (or folder) to merge into")
+    files, layouts = [], set()
+    for value in values:
+        try:
+            source = locate_dit(value, DIT_KEY, expert)
+        except ConfigError as e:
+            raise UserError("; ".join(f"{key} {message}" for key, message in e.problems)) from None
+        layouts.add("diffusers" if source.kind == "pretrained" else "official")
+        for path in source.files:
+            if path.suffix == ".safetensors" and path not in files:
+                files.append(path)
+            elif path.suffix in (".pt", ".pth"):
+                raise UserError(f"{path}: merge streams .safetensors files only; convert the .pth to .safetensors "
+                                "or use the ComfyUI/Wan-AI .safetensors download")
+    if len(layouts) > 1:
+        raise UserError(f"{DIT_KEY}: {', '.join(map(str, values))} mix a diffusers folder and official files; "
+                        "pass one DiT")
+    return files, layouts.pop()
+
+
+def read_inputs(files: Sequence[Path], layout: str) -> list[InputTensor]:
+    """Every tensor of the DiT `files`, named officially, from their headers only (nothing is read)."""
+    tensors: dict[str, InputTensor] = {}
+    for path in files:
+        try:
+            header = safetensors_header(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable .safetensors file ({e}); re-download it") from None
+        keys = [k for k in header if k != "__metadata__"]
+        if is_fp8_scaled(keys):
+            raise UserError(f"{path} is a ComfyUI fp8_scaled checkpoint (scaled_fp8 / .scale_weight tensors), which "
+                            "merge cannot handle; use the bf16/fp16 file or a plain fp8_e4m3fn one")
+        for key, name in _official_names(keys, layout, path).items():
+            info = header[key]
+            if info["dtype"] not in DTYPE_CODES:
+                raise UserError(f"{path}: tensor {key} has dtype {info['dtype']}, which merge does not handle")
+            if name in tensors:
+                raise UserError(f"{DIT_KEY}: tensor {name} is in both {tensors[name].file} and {path}; pass the "
+                                "shards of one DiT only")
+            tensors[name] = InputTensor(path, key, name, info["dtype"], tuple(info["shape"]))
+    if "head.modulation" not in tensors or "patch_embedding.weight" not in tensors:
+        raise UserError(f"{', '.join(map(str, files))} is not a Wan DiT (no head.modulation / patch_embedding "
+                        "tensors); pass the Wan DiT file or folder")
+    return list(tensors.values())
+
+
+def _official_names(keys: list[str], layout: str, path: Path) -> dict[str, str]:
+    """{file key: official name}: ComfyUI prefixes stripped, or diffusers names renamed by keymap's rule table."""
+    if layout == "official":
+        return dict(zip(keys, strip_dit_prefix(dict.fromkeys(keys))))
+    from musubi_pipe.models.wan.keymap import dit_to_official
+
+    try:
+        return {key: name for name, key in dit_to_official({k: k for k in keys}).items()}
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; merge reads diffusers WanTransformer3DModel folders, use the official file "
+                        "instead") from None
+
+
+def output_dtypes(inputs: Sequence[InputTensor], dtype: torch.dtype | None) -> dict[str, str]:
+    """{official name: output dtype code}: floats become `dtype` when given; fp8 is always upcast (see module doc)."""
+    if dtype is not None:
+        code = CODE_OF[dtype]
+        return {t.name: code if t.dtype in _FLOATS else t.dtype for t in inputs}
+    others = Counter(t.dtype for t in inputs if t.dtype in _FLOATS and t.dtype not in _FP8)
+    upcast = others.most_common(1)[0][0] if others else "BF16"
+    return {t.name: upcast if t.dtype in _FP8 else t.dtype for t in inputs}
+
+
+def module_shapes(inputs: Iterable[InputTensor]) -> dict[str, tuple[int, ...]]:
+    """{official module name: weight shape} of every 2-D `<module>.weight`: what a LoRA module can target."""
+    return {t.name[: -len(".weight")]: t.shape for t in inputs if t.name.endswith(".weight") and len(t.shape) == 2}
+
+
+# -- the LoRA side -------------------------------------------------------------------------------------------------
+def load_lora(spec: LoraSpec, modules: Mapping[str, tuple[int, ...]], device) -> LoadedLora:
+    """Read `spec`'s file, map its modules to the DiT's (`modules`: official name -> weight shape), apply the
+    patterns and check every ΔW shape; UserError names the file, the module and the shapes."""
+    tensors, metadata = load_lora_file(spec.path)
+    if all(k.startswith("lora_unet_") and not k.startswith("lora_unet__") for k in tensors):
+        named = musubi_adapters(spec.path, tensors, modules)
+    else:
+        named = other_layout_adapters(spec.path, tensors, metadata)
+    unknown = sorted(set(named) - set(modules))
+    if unknown:
+        raise UserError(f"{spec.path}: {len(unknown)} module(s) match no 2-D weight of the DiT, e.g. {unknown[0]!r} "
+                        f"(DiT modules look like {next(iter(modules), '<none>')!r}); {_WRONG_MODEL}")
+    selected = select_modules(named, spec)
+    _check_shapes(spec.path, selected, modules)
+    on_device = {m: Adapter(a.kind, {s: v.to(device) for s, v in a.parts.items()}) for m, a in selected.items()}
+    model_hash = metadata.get("sshs_model_hash") or model_hashes(tensors, metadata)[0]
+    return LoadedLora(spec, on_device, model_hash, frozenset(named))
+
+
+def musubi_adapters(path: Path, tensors: Mapping[str, torch.Tensor],
+                    modules: Mapping[str, tuple[int, ...]]) -> dict[str, Adapter]:
+    """{official module: Adapter} of a musubi-layout file; `lora_unet_<underscored>` stems are looked up among the
+    DiT's `modules` (as lora.official_name does: '_' -> '.' cannot be undone by rules). Unknown stems are kept."""
+    kind = network_kind_of(tensors, str(path))
+    by_lora_name = {lora_name(m): m for m in modules}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        stem, _, suffix = key.partition(".")
+        if suffix not in ADAPTER_SUFFIXES[kind]:
+            raise UserError(f"{path}: key {key} is not part of a {KIND_TITLES[kind]} module (expected "
+                            f"{', '.join(sorted(ADAPTER_SUFFIXES[kind]))}); DoRA, Tucker and bias patches cannot be merged")
+        grouped.setdefault(by_lora_name.get(stem, stem), {})[suffix] = value
+    return {module: Adapter(kind, parts) for module, parts in grouped.items()}
+
+
+def other_layout_adapters(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, Adapter]:
+    """{official module: Adapter} of a ComfyUI, diffusers/PEFT, ai-toolkit or Wan-Fun file, read by network.formats."""
+    canonical, _ = read_lora(tensors, metadata, source=str(path))
+    adapters = {}
+    for module, entry in canonical.items():
+        alpha = torch.tensor(float(entry["alpha"]))
+        if entry["kind"] == "lora":
+            parts = {"lora_down.weight": entry["down"], "lora_up.weight": entry["up"], "alpha": alpha}
+        else:
+            parts = {**entry["tensors"], "alpha": alpha}
+        adapters[module] = Adapter(entry["kind"], parts)
+    return adapters
+
+
+def select_modules(named: dict[str, Adapter], spec: LoraSpec) -> dict[str, Adapter]:
+    """The modules of `named` kept by spec.include (whitelist, re.fullmatch) and then spec.exclude."""
+    def compiled(patterns: Sequence[str], what: str) -> list[re.Pattern]:
+        out = []
+        for pattern in patterns:
+            try:
+                out.append(re.compile(pattern))
+            except re.error as e:
+                raise UserError(f"--{what} {pattern!r} is not a valid regular expression ({e})") from None
+        return out
+
+    include, exclude = compiled(spec.include, "include"), compiled(spec.exclude, "exclude")
+    kept = {m: p for m, p in named.items() if not include or any(r.fullmatch(m) for r in include)}
+    kept = {m: p for m, p in kept.items() if not any(r.fullmatch(m) for r in exclude)}
+    if not kept:
+        raise UserError(f"{spec.path}: --include/--exclude leave none of its {len(named)} modules (they look like "
+                        f"{next(iter(named), '<none>')!r}; patterns must match the whole official path, e.g. "
+                        r"'blocks\.[0-9]\..*'); fix the patterns or drop this LoRA")
+    return kept
+
+
+def check_patterns_match(loaded: Sequence[LoadedLora]) -> None:
+    """UserError for an include/exclude pattern that matches no module of any LoRA it applies to (a typo?)."""
+    users: dict[tuple[str, str], list[LoadedLora]] = {}
+    for lora in loaded:
+        for what, patterns in (("include", lora.spec.include), ("exclude", lora.spec.exclude)):
+            for pattern in patterns:
+                users.setdefault((what, pattern), []).append(lora)
+    for (what, pattern), loras in users.items():
+        regex = re.compile(pattern)
+        if not any(regex.fullmatch(m) for lora in loras for m in lora.available):
+            example = min(loras[0].available)
+            raise UserError(f"--{what} {pattern!r} matches no module of {', '.join(str(l.spec.path) for l in loras)} "
+                            f"(a typo?); patterns must match the whole official module path, e.g. {example!r}; add "
+                            "'.*' to match a prefix")
+
+
+def delta_shape(kind: str, parts: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """The (out, in) shape of the ΔW a module's tensors make; ValueError when they do not fit together."""
+    if kind == "lora":
+        up, down = parts["lora_up.weight"].shape, parts["lora_down.weight"].shape
+        if len(up) != 2 or len(down) != 2 or up[1] != down[0]:
+            raise ValueError(f"lora_up {list(up)} and lora_down {list(down)} are not a Linear LoRA pair")
+        return up[0], down[1]
+    if kind == "loha":
+        a1, b1, a2, b2 = (parts[f"hada_w{i}_{x}"].shape for i, x in ((1, "a"), (1, "b"), (2, "a"), (2, "b")))
+        if not (a1[1] == b1[0] and a2[1] == b2[0] and (a1[0], b1[1]) == (a2[0], b2[1])):
+            raise ValueError(f"hada_w1_a {list(a1)}, hada_w1_b {list(b1)}, hada_w2_a {list(a2)}, hada_w2_b {list(b2)} "
+                             "do not fit together")
+        return a1[0], b1[1]
+    w1, w2 = _lokr_factor_shape(parts, "lokr_w1"), _lokr_factor_shape(parts, "lokr_w2")
+    return w1[0] * w2[0], w1[1] * w2[1]
+
+
+def _lokr_factor_shape(parts: Mapping[str, torch.Tensor], name: str) -> tuple[int, int]:
+    if name in parts:
+        return tuple(parts[name].shape)
+    a, b = parts[f"{name}_a"].shape, parts[f"{name}_b"].shape
+    if a[1] != b[0]:
+        raise ValueError(f"{name}_a {list(a)} and {name}_b {list(b)} do not fit together")
+    return a[0], b[1]
+
+
+def _check_shapes(path: Path, selected: Mapping[str, Adapter], modules: Mapping[str, tuple[int, ...]]) -> None:
+    """UserError naming the file, modules and shapes when a module's ΔW does not fit its DiT weight."""
+    problems = []
+    for module, (kind, parts) in selected.items():
+        try:
+            shape = delta_shape(kind, parts)
+        except (KeyError, ValueError) as e:
+            what = f"misses {e}" if isinstance(e, KeyError) else str(e)
+            raise UserError(f"{path}: {KIND_TITLES[kind]} module {module} {what}; the file is damaged") from None
+        if tuple(shape) != tuple(modules[module]):
+            problems.append(f"{module}: ΔW {list(shape)} vs DiT weight {list(modules[module])}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{path}: {len(problems)} module(s) do not fit the DiT: {'; '.join(problems[:3])}{more}; "
+                        f"{_WRONG_MODEL}")
+
+
+def _scale(parts: Mapping[str, torch.Tensor], rank: int | None) -> float:
+    """alpha / rank; 1 without a rank (LoKr of two full factors), and alpha = rank when it is missing or 0 (as the
+    trainer reads it)."""
+    alpha = float(parts["alpha"]) if "alpha" in parts else 0.0
+    return alpha / rank if alpha and rank else 1.0
+
+
+def delta_weight(kind: str, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 ΔW (scale applied, multiplier not) of one module's tensors, on their device (see module doc)."""
+    f = {name: value.float() for name, value in parts.items()}
+    if kind == "lora":
+        return (f["lora_up.weight"] @ f["lora_down.weight"]).mul_(_scale(f, f["lora_down.weight"].shape[0]))
+    if kind == "loha":
+        delta = (f["hada_w1_a"] @ f["hada_w1_b"]).mul_(f["hada_w2_a"] @ f["hada_w2_b"])
+        return delta.mul_(_scale(f, f["hada_w1_b"].shape[0]))
+    rank, factors = None, []
+    for name in ("lokr_w1", "lokr_w2"):
+        if name in f:
+            factors.append(f[name])
+        else:
+            rank = f[f"{name}_b"].shape[0]
+            factors.append(f[f"{name}_a"] @ f[f"{name}_b"])
+    return torch.kron(factors[0], factors[1]).mul_(_scale(f, rank))
+
+
+def add_delta(weight: torch.Tensor, adapter: Adapter, multiplier: float) -> None:
+    """weight += multiplier·ΔW in place (float32); a LoRA as one addmm, without a ΔW-sized temporary."""
+    if adapter.kind != "lora":
+        weight.add_(delta_weight(*adapter), alpha=multiplier)
+        return
+    up, down = adapter.parts["lora_up.weight"].float(), adapter.parts["lora_down.weight"].float()
+    weight.addmm_(up, down, alpha=multiplier * _scale(adapter.parts, down.shape[0]))
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
+def plan_layout(names: Iterable[str], dtypes: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]],
+                metadata: Mapping[str, str]) -> tuple[list[str], bytes, int]:
+    """(write order, header bytes incl. length prefix and padding, total data bytes) of the output file.
+
+    Tensors are ordered by element size (largest first), then name, as safetensors orders them, so every tensor
+    starts aligned to its element size; the header is padded with spaces so the data starts 8-byte aligned.
+    """
+    order = sorted(names, key=lambda n: (-DTYPE_CODES[dtypes[n]].itemsize, n))
+    header: dict = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in order:
+        size = DTYPE_CODES[dtypes[name]].itemsize
+        for dim in shapes[name]:
+            size *= dim
+        header[name] = {"dtype": dtypes[name], "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return order, len(text).to_bytes(8, "little") + text, offset
+
+
+def write_streaming(path: Path, header: bytes, data_bytes: int, order: Sequence[str],
+                    produce: Callable[[str], torch.Tensor]) -> None:
+    """Write a safetensors file atomically: `header` (from plan_layout), then `produce(name)` for each name of
+    `order`, one tensor at a time; the temp file is re-opened with safetensors before it replaces `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            for name in order:
+                tensor = produce(name)
+                raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(raw))
+                del tensor, raw
+            f.flush()
+            os.fsync(f.fileno())
+        verify_file(Path(tmp), header, data_bytes)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates the file 0600; give it the permissions open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def verify_file(path: Path, header: bytes, data_bytes: int) -> None:
+    """Check a written file: its size, and that safetensors opens it with the planned tensors, dtypes and shapes."""
+    expected = json.loads(header[8:])
+    size = path.stat().st_size
+    if size != len(header) + data_bytes:
+        raise RuntimeError(f"{path}: wrote {size} bytes, planned {len(header) + data_bytes}; disk full?")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            if dict(f.metadata() or {}) != expected["__metadata__"] or set(f.keys()) != set(expected) - {"__metadata__"}:
+                raise RuntimeError(f"{path}: the written header does not hold the planned tensors")
+            for name in f.keys():
+                part = f.get_slice(name)
+                if part.get_shape() != expected[name]["shape"] or part.get_dtype() != expected[name]["dtype"]:
+                    raise RuntimeError(f"{path}: tensor {name} was written with the wrong dtype or shape")
+    except SafetensorError as e:
+        raise RuntimeError(f"{path}: the written file is not valid safetensors ({e})") from e
+
+
+# -- merging -------------------------------------------------------------------------------------------------------
+def as_spec(lora, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> LoraSpec:
+    """A LoraSpec from a LoraSpec, a path, or a (path, multiplier) pair (`include`/`exclude` for the latter two)."""
+    if isinstance(lora, LoraSpec):
+        return lora
+    path, multiplier = (lora, 1.0) if isinstance(lora, (str, os.PathLike)) else lora
+    return LoraSpec(Path(path), float(multiplier), tuple(include), tuple(exclude))
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """None, a torch dtype, or a name (bfloat16/bf16, float16/fp16, float32/fp32) -> torch dtype or None."""
+    if dtype is None:
+        return None
+    value = DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else dtype
+    if value not in DTYPE_NAMES.values():
+        raise UserError(f"--dtype {dtype!r} is not supported; use bfloat16, float16 or float32")
+    return value
+
+
+def merge_loras(dit_files, loras: Sequence, output, *, dtype=None, device="cpu", expert: str = "",
+                include: Sequence[str] = (), exclude: Sequence[str] = ()) -> dict:
+    """Merge `loras` ((path, multiplier) pairs or LoraSpecs) into the DiT `dit_files` and write `output`.
+
+    `dtype` (None: keep each tensor's, upcasting fp8) sets the output float dtype, `device` where ΔW is computed,
+    `expert` ("high_noise"/"low_noise") the Wan2.2 expert inside a repo or pipeline root, `include`/`exclude` module
+    patterns for LoRAs given as pairs. Returns {"output", "bytes", "tensors", "changed", "loras": [{"file",
+    "multiplier", "kind", "modules"}], "seconds"}. Raises UserError naming the file at fault and the fix.
+    """
+    start = time.perf_counter()
+    output, out_dtype = Path(output), parse_dtype(dtype)
+    specs = [as_spec(lora, include, exclude) for lora in loras]
+    if not specs:
+        raise UserError("--lora: no LoRA given; pass at least one --lora FILE[:MULTIPLIER]")
+    if output.suffix != ".safetensors":
+        raise UserError(f"--output {output} must end in .safetensors")
+    files, layout = resolve_dit(dit_files, expert)
+    if any(output.exists() and output.resolve() == f.resolve() for f in files):
+        raise UserError(f"--output {output} is one of the DiT files being read; write to a new file")
+    inputs = read_inputs(files, layout)
+    modules = module_shapes(inputs)
+    loaded = [load_lora(spec, modules, device) for spec in specs]
+    check_patterns_match(loaded)
+
+    by_module: dict[str, list[LoadedLora]] = {}
+    for lora in loaded:
+        for module in lora.modules:
+            by_module.setdefault(module, []).append(lora)
+    items = {t.name: t for t in inputs}
+    dtypes = output_dtypes(inputs, out_dtype)
+    metadata = {"format": "pt", "ss_merged_loras": json.dumps(
+        [{"file": lora.spec.path.name, "multiplier": lora.spec.multiplier, "sshs_model_hash": lora.model_hash}
+         for lora in loaded]), "ss_merged_base": json.dumps([f.name for f in files])}
+    order, header, data_bytes = plan_layout(items, dtypes, {n: t.shape for n, t in items.items()}, metadata)
+
+    def produce(name: str) -> torch.Tensor:
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        return merged_tensor(items[name], DTYPE_CODES[dtypes[name]], by_module.get(module, []), device)
+
+    write_streaming(output, header, data_bytes, order, produce)
+    return {
+        "output": str(output),
+        "bytes": output.stat().st_size,
+        "tensors": len(order),
+        "changed": len(by_module),
+        "loras": [{"file": str(lora.spec.path), "multiplier": lora.spec.multiplier,
+                   "kind": "+".join(sorted({a.kind for a in lora.modules.values()})), "modules": len(lora.modules)}
+                  for lora in loaded],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def merged_tensor(item: InputTensor, out_dtype: torch.dtype, loras: Sequence[LoadedLora], device) -> torch.Tensor:
+    """Read one DiT tensor (through its own safe_open, see the module doc), add Σ multiplier·ΔW of `loras` in float32
+    on `device`, and return it on the CPU in `out_dtype`."""
+    with safe_open(str(item.file), framework="pt", device="cpu") as f:
+        tensor = f.get_tensor(item.key)
+    if not loras:
+        return tensor.to(out_dtype)
+    weight = tensor.to(device=device, dtype=torch.float32)
+    del tensor
+    module = item.name[: -len(".weight")]
+    for lora in loras:
+        add_delta(weight, lora.modules[module], lora.spec.multiplier)
+    return weight.to(out_dtype).cpu()
