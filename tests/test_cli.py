@@ -120,3 +120,22 @@ def test_killed_training_resumes(tmp_path):
     train = next(s for s in json.loads(runs[-1].read_text())["stages"] if s["name"] == "train")
     assert train["status"] == "ran" and train["resumed_from_step"] >= 10 and train["steps"] == 400
     assert not partial.joinpath(train["fingerprint"]).exists()  # resumable state dropped once published
+
+
+def test_loraid_sweep_trains_one_id_per_slice_on_shared_caches(tmp_path):
+    out = _cli("-m", "+recipe=demo", f"paths.root={tmp_path}", "network.loraid=1,2", "network.loraid_unit=submodule",
+               "network.loraid_units_per_id=3", "dataset.num_slices=2", "dataset.slice=${network.loraid}",
+               "pipeline.stages=[cache_latents,cache_text,train]", *FAST)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("runs/*_sweep/*/run.json"))]
+    stages = [{s["name"]: s for s in r["stages"]} for r in records]
+    assert [s["cache_latents"]["items_total"] for s in stages] == [5, 5]  # every slice uses the whole cache
+    assert stages[1]["cache_latents"]["status"] == "cached"
+    loras = [r["lora"][0] for r in records]
+    from safetensors import safe_open
+
+    allocations = []
+    for path in loras:
+        with safe_open(path, "pt") as f:
+            allocations.append(set(json.loads(f.metadata()["ss_loraid_allocation"])["modules"]))
+    assert allocations[0] and allocations[1] and not allocations[0] & allocations[1]

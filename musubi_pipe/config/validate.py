@@ -58,8 +58,30 @@ def check_training_settings(cfg: dict) -> list[tuple[str, str]]:
     train = cfg["training"]
     max_steps = None if train.get("max_train_epochs") else train["max_train_steps"]
     problems = network_problems(cfg["network"], "network")
+    dataset = cfg["dataset"]
+    if not 1 <= dataset["slice"] <= max(dataset["num_slices"], 1) or dataset["num_slices"] < 1:
+        problems.append(("dataset.slice", f"is {dataset['slice']} with dataset.num_slices={dataset['num_slices']}; "
+                         "use 1 <= slice <= num_slices"))
     problems += check_optimizer_config(cfg["optimizer"]) + check_scheduler_config(cfg["optimizer"], max_steps)
+    problems += _check_loraid(cfg)
     return problems + check_spec(train)
+
+
+def _check_loraid(cfg: dict) -> list[tuple[str, str]]:
+    """LORAID settings: capacity for the model, and no other way of choosing modules beside them."""
+    from musubi_pipe.network.loraid import check_loraid_settings
+
+    net = cfg["network"]
+    if net.get("loraid") is None:
+        return []
+    problems = check_loraid_settings(net, cfg["model"].get("task"))
+    if net.get("include_patterns"):
+        problems.append(("network.include_patterns", "is set with network.loraid, which already chooses the modules; "
+                         "remove it (exclude_patterns still apply on top)"))
+    if cfg["training"].get("shared_expert_lora"):
+        problems.append(("training.shared_expert_lora", "cannot share one LoRA between experts with network.loraid "
+                         "(an ID owns different modules on each expert); set it to false"))
+    return problems
 
 
 def read_prompt_file(cfg: dict) -> None:

@@ -40,6 +40,7 @@ file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -59,7 +60,10 @@ from musubi_pipe.models.wan.locate import is_fp8_scaled, locate_dit, strip_dit_p
 from musubi_pipe.network.factory import network_kind_of
 from musubi_pipe.network.formats import read_lora
 from musubi_pipe.network.lora import KIND_TITLES, lora_name
+from musubi_pipe.network.loraid import check_lora_overlaps
 from musubi_pipe.network.lora_file import _fsync_dir, load_lora_file, model_hashes
+
+log = logging.getLogger("musubi_pipe")
 
 DIT_KEY = "--dit"
 # safetensors dtype codes <-> torch dtypes
@@ -119,6 +123,7 @@ class LoadedLora:
     modules: dict[str, Adapter]
     model_hash: str
     available: frozenset[str]  # every module of the file, before include/exclude
+    loraid: bool = False  # a LORAID file (ss_loraid metadata): it must not overlap another LORAID file
 
 
 # -- the DiT side --------------------------------------------------------------------------------------------------
@@ -218,7 +223,7 @@ def load_lora(spec: LoraSpec, modules: Mapping[str, tuple[int, ...]], device) ->
     _check_shapes(spec.path, selected, modules)
     on_device = {m: Adapter(a.kind, {s: v.to(device) for s, v in a.parts.items()}) for m, a in selected.items()}
     model_hash = metadata.get("sshs_model_hash") or model_hashes(tensors, metadata)[0]
-    return LoadedLora(spec, on_device, model_hash, frozenset(named))
+    return LoadedLora(spec, on_device, model_hash, frozenset(named), "ss_loraid" in metadata)
 
 
 def musubi_adapters(path: Path, tensors: Mapping[str, torch.Tensor],
@@ -478,6 +483,8 @@ def merge_loras(dit_files, loras: Sequence, output, *, dtype=None, device="cpu",
     modules = module_shapes(inputs)
     loaded = [load_lora(spec, modules, device) for spec in specs]
     check_patterns_match(loaded)
+    for text in check_lora_overlaps([(str(lo.spec.path), set(lo.modules), lo.loraid) for lo in loaded]):
+        log.warning("merge: LoRAs %s", text)
 
     by_module: dict[str, list[LoadedLora]] = {}
     for lora in loaded:

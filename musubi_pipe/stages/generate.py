@@ -81,24 +81,23 @@ def _lora_network(family, dit, entry: dict, key: str):
     from musubi_pipe.network.lora_file import load_lora_file
     from musubi_pipe.network.targets import select_targets
 
-    tensors, _ = load_lora_file(entry["path"])
+    tensors, metadata = load_lora_file(entry["path"])
     targets = family.lora_targets(dit)
     if entry.get("include_patterns") or entry.get("exclude_patterns"):
         in_file = {o: m for o, m in targets.items() if any(k.startswith(lora_name(o) + ".") for k in tensors)}
         kept = select_targets(in_file, entry.get("include_patterns") or [], entry.get("exclude_patterns") or [], where=key)
         names = {lora_name(o) for o in kept}
         tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 2)[0] in names or k.rsplit(".", 1)[0] in names}
-    return network_from_weights(targets, tensors, multiplier=float(entry.get("multiplier", 1.0)), source=entry["path"])
+    network = network_from_weights(targets, tensors, multiplier=float(entry.get("multiplier", 1.0)), source=entry["path"])
+    return network, "ss_loraid" in metadata
 
 
-def _warn_overlaps(expert: str, loaded: list[tuple[str, set[str]]]) -> None:
-    for i, (path_a, modules_a) in enumerate(loaded):
-        for path_b, modules_b in loaded[i + 1 :]:
-            shared = sorted(modules_a & modules_b)
-            if shared:
-                shown = ", ".join(shared[:10]) + (f" and {len(shared) - 10} more" if len(shared) > 10 else "")
-                log.warning("LoRAs %s and %s both change %d module(s)%s: %s", path_a, path_b, len(shared),
-                            f" of the {expert} expert" if expert else "", shown)
+def _warn_overlaps(expert: str, loaded: list[tuple[str, set[str], bool]]) -> None:
+    """Overlapping LoRAs: a warning; overlapping LORAID files: an error (network.loraid.check_lora_overlaps)."""
+    from musubi_pipe.network.loraid import check_lora_overlaps
+
+    for text in check_lora_overlaps(loaded, f" of the {expert} expert" if expert else ""):
+        log.warning("LoRAs %s", text)
 
 
 def _load(job: Job, device, dtype):
@@ -116,9 +115,9 @@ def _load(job: Job, device, dtype):
             wanted = entry.get("expert", "both")
             if wanted != "both" and f"{wanted}_noise" != expert.name:
                 continue
-            network = _lora_network(family, dit, entry, f"sampling.loras[{i}]")
+            network, is_loraid = _lora_network(family, dit, entry, f"sampling.loras[{i}]")
             network.to(dit.device)
-            loaded.append((entry["path"], set(network.official_names)))
+            loaded.append((entry["path"], set(network.official_names), is_loraid))
             if sampling.get("merge_loras"):
                 network.merge_into_base(float(entry.get("multiplier", 1.0)))
             else:

@@ -16,7 +16,8 @@ import json
 from musubi_pipe.pipeline.stage import Job, Stage, StageContext
 from musubi_pipe.stages import common
 
-KEYS = ("model.arch", "model.task", "network", "optimizer", "training", "dataset.general", "dataset.datasets")
+KEYS = ("model.arch", "model.task", "network", "optimizer", "training", "dataset.general", "dataset.datasets",
+        "dataset.slice", "dataset.num_slices")
 
 
 def _mixed_precision(job: Job) -> str:
@@ -277,6 +278,10 @@ def _metadata(ctx: StageContext, family, trainer, train_cfg: dict, suffix: str) 
         extra["modelspec.timestep_range"] = f"{round(low)},{round(high)}"
     if any(e.name for e in experts):
         extra["ss_experts"] = ",".join(e.name for e in experts)
+    if trainer.loraid is not None:  # which units of the model this LoRA owns (network/loraid.py)
+        network = trainer.networks[suffix]
+        extra["ss_loraid"] = trainer.loraid["loraid"]
+        extra["ss_loraid_allocation"] = json.dumps(dict(trainer.loraid, modules=sorted(network.official_names)))
     model = common.model_cfg(job)
     base = model.get("dit_high_noise") if suffix == "high_noise" else model.get("dit")
     return build_metadata(

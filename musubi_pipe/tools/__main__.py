@@ -19,6 +19,7 @@ VERBS: dict[str, str] = {
     "ema": "musubi_pipe.tools.ema",
     "gc": "musubi_pipe.tools.gc",
     "inspect": "musubi_pipe.tools.inspect_lora",
+    "loraid-table": "musubi_pipe.tools.loraid_table",
     "merge": "musubi_pipe.tools.merge",
 }
 

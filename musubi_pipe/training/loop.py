@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from musubi_pipe.network.factory import build_network, param_groups
+from musubi_pipe.network.loraid import allocation_from_config, modules_by_expert
 from musubi_pipe.errors import UserError
 from musubi_pipe.pipeline.distributed import Dist, fsdp_requested, shard_frozen
 from musubi_pipe.network.lora import LoRANetwork
@@ -38,7 +39,7 @@ from musubi_pipe.training.schedule import build_scheduler
 from musubi_pipe.models.base import route
 from musubi_pipe.models.experts import ExpertDits
 from musubi_pipe.training.timesteps import TimestepSpec, loss_weights, sample_timesteps, weighted_mse
-from musubi_pipe.training.validation import VALIDATION_TIMESTEPS, noise_seed, split_records
+from musubi_pipe.training.validation import VALIDATION_TIMESTEPS, noise_seed, slice_records, split_records
 
 log = logging.getLogger("musubi_pipe")
 
@@ -80,6 +81,14 @@ class Trainer:
     def setup(self) -> None:
         train, opt, net = self.cfg["training"], self.cfg["optimizer"], self.cfg["network"]
         self.experts = active_experts(self.family.experts(self.model_cfg), train.get("experts", "both"))
+        # LORAID: this ID trains only its units, so only the experts that hold some of them
+        self.loraid = allocation_from_config(net, self.model_cfg.get("task"))
+        if self.loraid is not None:
+            with_units = {unit[0] for unit in self.loraid["units"]}
+            self.experts = [e for e in self.experts if e.name in with_units]
+            if not self.experts:
+                raise UserError(f"network.loraid={net['loraid']} has no units on the expert(s) training.experts="
+                                f"{train.get('experts')} selects; train both experts or pick another ID")
         offload = bool(self.cfg["memory"].get("offload_inactive_dit")) and len(self.experts) > 1
         fsdp = self.fsdp = self.dist.active and fsdp_requested()
         if fsdp and offload:
@@ -103,7 +112,11 @@ class Trainer:
         # {file name suffix: network}: one entry per trained LoRA file ("" = no suffix)
         self.networks: dict[str, LoRANetwork] = {}
         for expert in self.experts:
-            network = build_network(self.family.lora_targets(self.dits[expert.name]), net)
+            targets = self.family.lora_targets(self.dits[expert.name])
+            if self.loraid is not None:
+                modules = modules_by_expert(self.loraid, {expert.name: list(targets)})[expert.name]
+                targets = {m: targets[m] for m in modules}
+            network = build_network(targets, net)
             if shared and self.networks:
                 network.tie_to(self.networks[""])
             self.networks.setdefault("" if shared else expert.name, network)
@@ -117,7 +130,9 @@ class Trainer:
             network.apply_to()
         groups = param_groups(list(self.networks.values()), opt["lr"], net.get("loraplus_lr_ratio"))
         self.optimizer = build_optimizer(groups, opt)
-        train_records, self.validation_records = split_records(self.latents_index, train.get("validation_split") or 0.0)
+        dataset = self.cfg["dataset"]
+        records = slice_records(self.latents_index, int(dataset.get("slice") or 1), int(dataset.get("num_slices") or 1))
+        train_records, self.validation_records = split_records(records, train.get("validation_split") or 0.0)
         self.groups = group_items(train_records, self.cfg["dataset"])
         self.batches_per_epoch = len(epoch_batches(self.groups, self.cfg["dataset"], train["seed"], 0))
         self.batches_per_step = train["gradient_accumulation_steps"] * self.dist.world
