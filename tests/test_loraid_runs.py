@@ -88,3 +88,19 @@ def test_dataset_slices_are_disjoint_and_stable():
     moved = [slice_records(records + [{"dataset_index": 0, "media_path": "/data/new.mp4", "key": "n"}], k, 3)
              for k in (1, 2, 3)]
     assert all(set(map(id, slices[k])) <= set(map(id, moved[k])) for k in range(3))  # adding a file moves none
+
+
+def test_loraid_on_two_experts_trains_only_the_experts_holding_its_units(demo):
+    # tiny Wan2.2 A14B: 2 experts x 2 blocks = 4 block units; contiguous ID 2 is the high-noise block 1,
+    # interleaved ID 1 with 2 units is high block 0 and low block 1
+    contiguous = demo("model=wan_tiny_t2v_a14b", *TRAIN[:1], "network.loraid=2")
+    assert [Path(p).name for p in contiguous["lora"]] == ["demo_lora_high_noise.safetensors"]
+    assert _modules(contiguous["lora"][0]) == {f"blocks.1.{m}" for m in (
+        "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
+        "cross_attn.o", "ffn.0", "ffn.2")}
+    interleaved = demo("model=wan_tiny_t2v_a14b", *TRAIN[:1], "network.loraid=1", "network.loraid_units_per_id=2",
+                       "network.loraid_layout=interleaved")
+    files = {Path(p).name: p for p in interleaved["lora"]}
+    assert set(files) == {"demo_lora_high_noise.safetensors", "demo_lora_low_noise.safetensors"}
+    assert {m.split(".")[1] for m in _modules(files["demo_lora_high_noise.safetensors"])} == {"0"}
+    assert {m.split(".")[1] for m in _modules(files["demo_lora_low_noise.safetensors"])} == {"1"}

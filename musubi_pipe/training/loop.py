@@ -114,7 +114,8 @@ class Trainer:
         for expert in self.experts:
             targets = self.family.lora_targets(self.dits[expert.name])
             if self.loraid is not None:
-                modules = modules_by_expert(self.loraid, {expert.name: list(targets)})[expert.name]
+                own = dict(self.loraid, units=[u for u in self.loraid["units"] if u[0] == expert.name])
+                modules = modules_by_expert(own, {expert.name: list(targets)})[expert.name]
                 targets = {m: targets[m] for m in modules}
             network = build_network(targets, net)
             if shared and self.networks:
