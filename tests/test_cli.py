@@ -93,6 +93,15 @@ def test_multirun_shares_caches(tmp_path):
     assert second["cache_latents"]["status"] == "cached" and second["cache_text"]["status"] == "cached"
     assert first["train"]["fingerprint"] != second["train"]["fingerprint"]
 
+    # a fully cached run does not import torch (it would cost more than the whole run)
+    argv = ["musubi_pipe", "+recipe=demo", f"paths.root={tmp_path}", "network.network_dim=4", *FAST]
+    code = (f"import sys; sys.argv = {argv!r};"
+            "from musubi_pipe.__main__ import entry; entry();"
+            "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')")
+    warm = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "train: cached" in warm.stdout and warm.stdout.strip().endswith("NO_TORCH")
+
 
 def test_killed_training_resumes(tmp_path):
     """SIGKILL a real training process after its first checkpoint; the rerun resumes and completes."""

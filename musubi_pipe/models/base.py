@@ -53,6 +53,16 @@ def route(experts: Sequence[Expert], t: float) -> Expert:
     return min(experts, key=lambda e: e.t_min)
 
 
+def active_experts(experts: list, which: str) -> list:
+    """The experts `training.experts` selects: both (all), high or low (Wan2.2 A14B)."""
+    if which == "both":
+        return list(experts)
+    chosen = [e for e in experts if e.name == f"{which}_noise"]
+    if not chosen:
+        raise ValueError(f"training.experts={which} needs a model with high- and low-noise experts")
+    return chosen
+
+
 @dataclass
 class TrainingInputs:
     """What one training step feeds the DiT and compares its output with.

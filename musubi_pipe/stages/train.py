@@ -28,7 +28,7 @@ def _mixed_precision(job: Job) -> str:
 
 
 def trained_experts(job: Job) -> list:
-    from musubi_pipe.training.loop import active_experts
+    from musubi_pipe.models.base import active_experts
 
     experts = common.family(job).experts(common.model_cfg(job))
     return active_experts(experts, job.cfg["training"]["experts"])

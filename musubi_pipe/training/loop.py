@@ -36,7 +36,7 @@ from musubi_pipe.training import checkpoint as ckpt
 from musubi_pipe.training.batches import epoch_batches, group_items
 from musubi_pipe.training.optimizers import build_optimizer
 from musubi_pipe.training.schedule import build_scheduler
-from musubi_pipe.models.base import route
+from musubi_pipe.models.base import active_experts, route
 from musubi_pipe.models.experts import ExpertDits
 from musubi_pipe.training.timesteps import TimestepSpec, loss_weights, sample_timesteps, weighted_mse
 from musubi_pipe.training.validation import VALIDATION_TIMESTEPS, noise_seed, slice_records, split_records
@@ -483,16 +483,6 @@ def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return [p.grad for p in params]
-
-
-def active_experts(experts: list, which: str) -> list:
-    """The experts `training.experts` selects: both (all), high or low (Wan2.2 A14B)."""
-    if which == "both":
-        return list(experts)
-    chosen = [e for e in experts if e.name == f"{which}_noise"]
-    if not chosen:
-        raise ValueError(f"training.experts={which} needs a model with high- and low-noise experts")
-    return chosen
 
 
 def _span(experts: list) -> tuple[float, float]:
