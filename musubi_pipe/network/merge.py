@@ -32,9 +32,9 @@ over (as read, its float32 copy, the cast result; a LoRA is added with one addmm
 temporary) plus the LoRAs, never a whole model: merging a rank-32 LoRA into a 2 GiB bf16 file of Wan-14B-sized
 tensors (13824×5120 FFN weights) peaked at +440 MiB resident, where load-merge-save_file took +4 GiB. Each tensor is
 read through its own short-lived `safe_open`: one long-lived handle keeps every page it touched mapped, and resident
-memory then grows to the size of the input. The file is written to a temporary file in the output folder, fsynced,
-re-opened with safetensors to check its header, and moved into place with os.replace: a reader never sees a partial
-file.
+memory then grows to the size of the input. The file is written by network.safetensors_stream: to a temporary file
+in the output folder, fsynced, re-opened with safetensors to check its header, and moved into place with os.replace,
+so a reader never sees a partial file.
 """
 
 from __future__ import annotations
@@ -43,16 +43,15 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from musubi_pipe.errors import ConfigError, UserError
 from musubi_pipe.models.files import safetensors_header
@@ -61,18 +60,12 @@ from musubi_pipe.network.factory import network_kind_of
 from musubi_pipe.network.formats import read_lora
 from musubi_pipe.network.lora import KIND_TITLES, lora_name
 from musubi_pipe.network.loraid import check_lora_overlaps
-from musubi_pipe.network.lora_file import _fsync_dir, load_lora_file, model_hashes
+from musubi_pipe.network.lora_file import load_lora_file, model_hashes
+from musubi_pipe.network.safetensors_stream import DTYPE_CODES, plan_layout, write_streaming
 
 log = logging.getLogger("musubi_pipe")
 
 DIT_KEY = "--dit"
-# safetensors dtype codes <-> torch dtypes
-DTYPE_CODES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
 CODE_OF = {dtype: code for code, dtype in DTYPE_CODES.items()}
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -368,77 +361,6 @@ def add_delta(weight: torch.Tensor, adapter: Adapter, multiplier: float) -> None
         return
     up, down = adapter.parts["lora_up.weight"].float(), adapter.parts["lora_down.weight"].float()
     weight.addmm_(up, down, alpha=multiplier * _scale(adapter.parts, down.shape[0]))
-
-
-# -- writing -------------------------------------------------------------------------------------------------------
-def plan_layout(names: Iterable[str], dtypes: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]],
-                metadata: Mapping[str, str]) -> tuple[list[str], bytes, int]:
-    """(write order, header bytes incl. length prefix and padding, total data bytes) of the output file.
-
-    Tensors are ordered by element size (largest first), then name, as safetensors orders them, so every tensor
-    starts aligned to its element size; the header is padded with spaces so the data starts 8-byte aligned.
-    """
-    order = sorted(names, key=lambda n: (-DTYPE_CODES[dtypes[n]].itemsize, n))
-    header: dict = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name in order:
-        size = DTYPE_CODES[dtypes[name]].itemsize
-        for dim in shapes[name]:
-            size *= dim
-        header[name] = {"dtype": dtypes[name], "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return order, len(text).to_bytes(8, "little") + text, offset
-
-
-def write_streaming(path: Path, header: bytes, data_bytes: int, order: Sequence[str],
-                    produce: Callable[[str], torch.Tensor]) -> None:
-    """Write a safetensors file atomically: `header` (from plan_layout), then `produce(name)` for each name of
-    `order`, one tensor at a time; the temp file is re-opened with safetensors before it replaces `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            for name in order:
-                tensor = produce(name)
-                raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-                f.write(memoryview(raw))
-                del tensor, raw
-            f.flush()
-            os.fsync(f.fileno())
-        verify_file(Path(tmp), header, data_bytes)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates the file 0600; give it the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def verify_file(path: Path, header: bytes, data_bytes: int) -> None:
-    """Check a written file: its size, and that safetensors opens it with the planned tensors, dtypes and shapes."""
-    expected = json.loads(header[8:])
-    size = path.stat().st_size
-    if size != len(header) + data_bytes:
-        raise RuntimeError(f"{path}: wrote {size} bytes, planned {len(header) + data_bytes}; disk full?")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            if dict(f.metadata() or {}) != expected["__metadata__"] or set(f.keys()) != set(expected) - {"__metadata__"}:
-                raise RuntimeError(f"{path}: the written header does not hold the planned tensors")
-            for name in f.keys():
-                part = f.get_slice(name)
-                if part.get_shape() != expected[name]["shape"] or part.get_dtype() != expected[name]["dtype"]:
-                    raise RuntimeError(f"{path}: tensor {name} was written with the wrong dtype or shape")
-    except SafetensorError as e:
-        raise RuntimeError(f"{path}: the written file is not valid safetensors ({e})") from e
 
 
 # -- merging -------------------------------------------------------------------------------------------------------
