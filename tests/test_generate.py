@@ -89,3 +89,19 @@ def test_generate_settings_are_checked_before_loading(demo, tmp_path):
         demo(*GENERATE, f"sampling.loras=[{{path:'{tmp_path}/none.safetensors',expert:middle,scale:2}}]")
     assert {k for k, _ in err.value.problems} == {"sampling.loras[0]", "sampling.loras[0].path",
                                                    "sampling.loras[0].expert"}
+
+
+def test_generate_reads_lora_files_in_other_layouts(demo, tmp_path):
+    from musubi_pipe.network.formats import convert_file
+
+    prompt = r"sampling.prompts=[{prompt:'a red circle',frames:1,seed:4,steps:2}]"
+    lora = demo("pipeline.stages=[cache_latents,cache_text,train]")["lora"][0]
+    comfy, diffusers = tmp_path / "comfy.safetensors", tmp_path / "diffusers.safetensors"
+    convert_file(lora, comfy, "comfy")
+    convert_file(lora, diffusers, "diffusers")
+    results = [_latents(demo(*GENERATE, prompt, "sampling.output_type=latent", f"sampling.loras=[{{path:'{path}'}}]"))
+               for path in (lora, comfy, diffusers)]
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"sampling.loras\[0\].include_patterns\[0\]"):
+        demo(*GENERATE, prompt, f"sampling.loras=[{{path:'{lora}',include_patterns:['blocks\\.(']}}]")

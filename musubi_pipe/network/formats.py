@@ -376,6 +376,13 @@ def _check_writable(canonical: Mapping[str, Mapping[str, Any]], to: str) -> Layo
     return layout
 
 
+def musubi_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
+                   source: str = "LoRA state dict") -> dict:
+    """`tensors` in the musubi layout: as they are when they already are, else read and rewritten (same ΔW)."""
+    canonical, source_format = read_lora(tensors, metadata, source)
+    return dict(tensors) if source_format == "musubi" else write_lora(canonical, "musubi")
+
+
 def write_lora(canonical: Mapping[str, Mapping[str, Any]], to: str, dtype=None) -> dict:
     """The file tensors of `canonical` in format `to` (a FORMATS name), cast to `dtype` (None: as they are).
 

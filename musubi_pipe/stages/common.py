@@ -220,6 +220,13 @@ def missing_items(job: Job, kind: str, keys) -> str | None:
     return f"{missing} cached {kind} item(s) missing from the store" if missing else None
 
 
+def upstream_stats(ctx, name: str) -> dict:
+    """The stats an upstream stage recorded in its manifest (e.g. train's outputs and lora_experts)."""
+    import json
+
+    return json.loads((ctx.upstream_dirs[name] / "manifest.json").read_text())["stats"]
+
+
 def save_item(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write an item entry atomically (temp file + rename): a killed run leaves no partial entry."""
     from safetensors.torch import save_file

@@ -10,9 +10,8 @@ with an optional `beta2` (beta moves linearly to beta2 over the checkpoints), or
 
 from __future__ import annotations
 
-import json
-
 from musubi_pipe.pipeline.stage import Job, Stage, StageContext
+from musubi_pipe.stages import common
 
 
 def inputs(job: Job) -> dict:
@@ -38,7 +37,7 @@ def run(ctx: StageContext) -> dict:
         return {}
     settings = ctx.cfg["ema"]
     train_dir = ctx.upstream_dirs["train"]
-    outputs = json.loads((train_dir / "manifest.json").read_text())["stats"]["outputs"]
+    outputs = common.upstream_stats(ctx, "train")["outputs"]
     written = []
     for final, files in _groups(train_dir, outputs).items():
         if len(files) < 2:

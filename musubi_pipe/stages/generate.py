@@ -52,6 +52,8 @@ def check_generate(sampling: dict) -> list[tuple[str, str]]:
     """Problems of the generate settings, before anything loads."""
     import os
 
+    from musubi_pipe.network.settings import pattern_problems
+
     problems = []
     if sampling.get("output_type", "video") not in OUTPUT_TYPES:
         problems.append(("sampling.output_type", f"is {sampling.get('output_type')!r}; choose one of {list(OUTPUT_TYPES)}"))
@@ -68,6 +70,8 @@ def check_generate(sampling: dict) -> list[tuple[str, str]]:
             problems.append((f"{key}.path", f"{entry['path']} does not exist; fix the path"))
         if entry.get("expert", "both") not in EXPERT_CHOICES:
             problems.append((f"{key}.expert", f"is {entry.get('expert')!r}; choose one of {list(EXPERT_CHOICES)}"))
+        for patterns in ("include_patterns", "exclude_patterns"):
+            problems += pattern_problems(entry.get(patterns), f"{key}.{patterns}")
     for i, path in enumerate(sampling.get("latents") or []):
         if not os.path.isfile(path):
             problems.append((f"sampling.latents[{i}]", f"{path} does not exist; point it at a saved latent file"))
@@ -75,19 +79,25 @@ def check_generate(sampling: dict) -> list[tuple[str, str]]:
 
 
 def _lora_network(family, dit, entry: dict, key: str):
-    """The network of one sampling.loras entry for one DiT, its modules narrowed by the entry's patterns."""
+    """The network of one sampling.loras entry for one DiT, its modules narrowed by the entry's patterns.
+
+    A file in another layout (ComfyUI, diffusers, diffusion-pipe, ai-toolkit) is read through
+    network.formats, as the convert tool reads it."""
     from musubi_pipe.network.factory import network_from_weights
+    from musubi_pipe.network.formats import musubi_tensors
     from musubi_pipe.network.lora import lora_name
     from musubi_pipe.network.lora_file import load_lora_file
     from musubi_pipe.network.targets import select_targets
 
     tensors, metadata = load_lora_file(entry["path"])
+    tensors = musubi_tensors(tensors, metadata, source=entry["path"])
     targets = family.lora_targets(dit)
     if entry.get("include_patterns") or entry.get("exclude_patterns"):
-        in_file = {o: m for o, m in targets.items() if any(k.startswith(lora_name(o) + ".") for k in tensors)}
+        stems = {k.split(".", 1)[0] for k in tensors}
+        in_file = {o: m for o, m in targets.items() if lora_name(o) in stems}
         kept = select_targets(in_file, entry.get("include_patterns") or [], entry.get("exclude_patterns") or [], where=key)
         names = {lora_name(o) for o in kept}
-        tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 2)[0] in names or k.rsplit(".", 1)[0] in names}
+        tensors = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in names}
     network = network_from_weights(targets, tensors, multiplier=float(entry.get("multiplier", 1.0)), source=entry["path"])
     return network, "ss_loraid" in metadata
 

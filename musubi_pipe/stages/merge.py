@@ -10,8 +10,6 @@ model on disk. Wan2.2 A14B: each expert's DiT gets its own LoRA, `<name>_merged_
 
 from __future__ import annotations
 
-import json
-
 from musubi_pipe.pipeline.stage import Job, Stage, StageContext
 from musubi_pipe.stages import common
 
@@ -28,7 +26,7 @@ def run(ctx: StageContext) -> dict:
     if not job.dist.main:
         return {}
     train_dir = ctx.upstream_dirs["train"]
-    stats = json.loads((train_dir / "manifest.json").read_text())["stats"]
+    stats = common.upstream_stats(ctx, "train")
     lora_experts = stats.get("lora_experts") or {"": stats["outputs"]["lora"][0]}
     family, model = common.family(job), common.model_cfg(job)
     written = []

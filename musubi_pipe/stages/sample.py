@@ -112,7 +112,7 @@ def run(ctx: StageContext) -> dict:
     vae_dtype = common.torch_dtype(common.resolve_dtype(job, "vae_dtype"))
     text_index = json.loads((ctx.upstream_dirs["cache_text"] / "index.json").read_text())
     train_dir = ctx.upstream_dirs["train"]
-    train_stats = json.loads((train_dir / "manifest.json").read_text())["stats"]
+    train_stats = common.upstream_stats(ctx, "train")
     lora_experts = train_stats.get("lora_experts") or {"": train_stats["outputs"]["lora"][0]}
 
     conds = prompt_conditions(family, model, prompts, device, vae_dtype)

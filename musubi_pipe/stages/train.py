@@ -123,6 +123,7 @@ def run(ctx: StageContext) -> dict:
     return {
         "outputs": outputs,
         "validation_losses": trainer.validation_losses,
+        "validation_items": [r["key"] for r in trainer.validation_records],
         "lora_experts": lora_experts,
         "expert_steps": trainer.expert_steps,
         "steps": trainer.step,
