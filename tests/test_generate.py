@@ -77,6 +77,14 @@ def test_output_types_and_decode_only(demo, tmp_path):
     a = np.asarray(Image.open(decoded["samples"][0]))
     b = np.asarray(Image.open(video["samples"][0]))
     assert np.array_equal(a, b)  # decoding the saved latent gives the sampled image
+    from musubi_pipe.errors import UserError
+
+    with pytest.raises(UserError, match="holds no 'latents' tensor"):
+        demo(*GENERATE, f"sampling.latents=['{_a_lora(demo)}']")  # a LoRA file, not a latent
+
+
+def _a_lora(demo) -> str:
+    return demo("pipeline.stages=[cache_latents,cache_text,train]")["lora"][0]
 
 
 def test_generate_settings_are_checked_before_loading(demo, tmp_path):

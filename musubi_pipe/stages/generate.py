@@ -169,7 +169,7 @@ def run(ctx: StageContext) -> dict:
     output_type = sampling.get("output_type") or "video"
     progress = ctx.runtime.get("progress", True)
     if sampling.get("latents"):  # decode only
-        latents = [load_file(path)["latents"][None] for path in sampling["latents"]]
+        latents = [_saved_latents(path, load_file) for path in sampling["latents"]]
         prompts = [{"prompt": "", "frames": (t.shape[2] - 1) * family.geometry(model).vae_stride[0] + 1} for t in latents]
     else:
         prompts = _prompts(job)
@@ -183,6 +183,17 @@ def run(ctx: StageContext) -> dict:
         del dits, networks
     files = _write(family, model, prompts, latents, ctx.out_dir, output_type, fps, device, vae_dtype)
     return {"outputs": {"samples": files}, "prompts": [p["prompt"] for p in prompts], "output_type": output_type}
+
+
+def _saved_latents(path: str, load_file):
+    """A saved latent file's latents as [1, C, F, H, W]; UserError for a file that holds none."""
+    from musubi_pipe.errors import UserError
+
+    tensors = load_file(path)
+    if "latents" not in tensors or tensors["latents"].dim() != 4:
+        raise UserError(f"sampling.latents: {path} holds no 'latents' tensor [C, F, H, W] (keys: {sorted(tensors)}); "
+                        "point it at a sample_NN.safetensors written by the sample or generate stage")
+    return tensors["latents"][None]
 
 
 def _write(family, model, prompts, latents, out_dir, output_type: str, fps, device, vae_dtype) -> list[str]:
