@@ -61,7 +61,7 @@ def make_lora(dit, path: Path, seed: int, multiplier: float = 1.0, network_class
 
 def predict(dit) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
-    latents, embeds = torch.randn(1, 16, 2, 4, 4, generator=g), [torch.randn(5, 32, generator=g)]
+    latents, embeds = torch.randn(1, 16, 2, 4, 4, generator=g), [{"embedding": torch.randn(5, 32, generator=g)}]
     return FAMILY.predict(dit, latents, torch.tensor([500.0]), embeds)
 
 

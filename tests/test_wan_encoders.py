@@ -177,7 +177,7 @@ def test_t5_layouts_encode_like_umt5(layout, t5_paths, tokenizer_dir, umt5):
     encoder = t5.load_text_encoder(t5_paths[layout], tokenizer_dir, T2V, "cpu", torch.float32)
     assert not encoder.model.training and not any(p.requires_grad for p in encoder.model.parameters())
     assert encoder.model.shared.weight is encoder.model.encoder.embed_tokens.weight
-    got = encoder.encode(TEXTS)
+    got = [e["embedding"] for e in encoder.encode(TEXTS)]
     expected = _reference_embeddings(umt5, tokenizer_dir)
     assert [e.shape for e in got] == [(6, 32), (3, 32), (8, 32)]  # words + </s>
     for g, e in zip(got, expected):
@@ -189,7 +189,7 @@ def test_t5_fp8_file_is_upcast(t5_paths, tokenizer_dir, umt5):
     assert encoder.dtype == torch.float32
     rounded = UMT5EncoderModel(umt5.config).eval()
     rounded.load_state_dict({k: v.to(torch.float8_e4m3fn).float() for k, v in umt5.state_dict().items()})
-    got = encoder.encode(TEXTS)
+    got = [e["embedding"] for e in encoder.encode(TEXTS)]
     expected, original = _reference_embeddings(rounded, tokenizer_dir), _reference_embeddings(umt5, tokenizer_dir)
     for g, e, exact in zip(got, expected, original):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-6)  # exactly the fp8-rounded weights
@@ -200,7 +200,7 @@ def test_t5_bf16_keeps_one_embedding(t5_paths, tokenizer_dir):
     encoder = t5.load_text_encoder(t5_paths["official_safetensors"], tokenizer_dir, T2V, "cpu", torch.bfloat16)
     assert {p.dtype for p in encoder.model.parameters()} == {torch.bfloat16}
     assert encoder.model.shared.weight is encoder.model.encoder.embed_tokens.weight
-    assert encoder.encode(["a cat"])[0].dtype == torch.bfloat16
+    assert encoder.encode(["a cat"])[0]["embedding"].dtype == torch.bfloat16
 
 
 def test_pth_is_read_with_weights_only(t5_paths, clip_paths, tokenizer_dir, monkeypatch):

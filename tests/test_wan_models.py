@@ -574,7 +574,7 @@ def test_text_encoder_trims_to_token_count(built):
     texts = ["a red ball moving on a white background", "cat", "zyxwv " * 40]
     embeds = encoder.encode(texts)
     counts = [min(len(encoder.tokenizer(t).input_ids), TINY.text_len) for t in texts]
-    assert [e.shape for e in embeds] == [(n, 32) for n in counts]
+    assert [e["embedding"].shape for e in embeds] == [(n, 32) for n in counts]
     assert counts[2] == TINY.text_len  # truncated
 
 
@@ -601,7 +601,7 @@ def test_predict_returns_latent_shape(built):
     family = _family()
     dit = family.load_dit(_cfg(built), "cpu", torch.float32)
     latents = torch.randn(2, 16, 2, 4, 4)
-    embeds = [torch.randn(5, 32), torch.randn(9, 32)]
+    embeds = [{"embedding": torch.randn(5, 32)}, {"embedding": torch.randn(9, 32)}]
     out = family.predict(dit, latents, torch.tensor([100.0, 900.0]), embeds)
     assert out.shape == latents.shape
     assert out.abs().mean() > 0  # proj_out is not zero-initialised

@@ -96,8 +96,9 @@ class VAE(Protocol):
 
 
 class TextEncoder(Protocol):
-    def encode(self, texts: Sequence[str]) -> list:
-        """Return one embedding tensor [L_i, D] per text, trimmed to its real token length."""
+    def encode(self, texts: Sequence[str]) -> list[dict]:
+        """Return per text its embedding tensors {name: tensor}, e.g. Wan {"embedding": [L_i, D]} trimmed to
+        the real token length; cache_text stores them as one entry and `Family.predict` gets them back."""
 
 
 class Family(Protocol):
@@ -106,6 +107,7 @@ class Family(Protocol):
     name: str  # full architecture name, written as ss_base_model_version
     modelspec_arch: str  # SAI ModelSpec architecture id of its LoRA files
     model_keys: dict  # model.* config keys of this family beyond the common ones, with type specs
+    text_dtype_key: str  # the model.* key of the text encoders' dtype (e.g. "t5_dtype")
 
     def geometry(self, model_cfg: dict) -> Geometry: ...
 
@@ -149,7 +151,8 @@ class Family(Protocol):
         """Build one step's inputs from clean latents, noise, t [B] in (0, 1) and the items' cached extras."""
 
     def predict(self, dit, noisy_latents, timesteps, text_embeds: list, cond: dict | None = None) -> Any:
-        """Run the DiT: noisy latents [B, C, F, H, W], timesteps [B] in [0, 1000], embeddings per item."""
+        """Run the DiT: noisy latents [B, C, F, H, W], timesteps [B] in [0, 1000], text embeddings per item
+        (the dicts TextEncoder.encode made), `cond` the batched conditioning (TrainingInputs.cond, or sampling's)."""
 
     def build_tiny(self, root: Path, task: str) -> dict[str, str]:
         """Write a tiny deterministic model of `task` in the formats users download; return {model key: path}."""

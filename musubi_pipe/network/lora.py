@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musubi_pipe.network.settings import check_probability
 from musubi_pipe.errors import UserError
+from musubi_pipe.network.fused import FusedLinear
+from musubi_pipe.network.settings import check_probability
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 # A key suffix that only one adapter type writes -> that type (how a file's network type is recognised).
@@ -77,8 +78,14 @@ def kinds_in_keys(keys: Iterable[str]) -> set[str]:
 class AdapterModule(nn.Module):
     """The parts every adapter of one nn.Linear shares: forward hooking, multiplier, alpha/scale, module dropout.
 
-    Subclasses create their parameters, implement `delta_weight()` (float32 ΔW without multiplier) and `forward`,
-    and set KIND (the network_module name) and SUFFIXES (the state-dict key suffixes, for messages).
+    Subclasses create their parameters, implement `delta_weight()` (float32 ΔW without multiplier) and
+    `_update(x)` (the adapter's output for input x and the scale to apply, or None when module dropout skips
+    it), and set KIND (the network_module name) and SUFFIXES (the state-dict key suffixes, for messages).
+
+    The target may be a `FusedLinear` (network.fused): one official module that the model holds as several
+    Linears fed the same input. Each part's forward is hooked and adds its rows of the update; the update is
+    computed once per input (the first part called computes it, with its dropout draws, and the others reuse
+    it), so training, dropouts and saved weights are exactly those of the fused official module.
     """
 
     KIND: ClassVar[str] = ""
@@ -97,7 +104,7 @@ class AdapterModule(nn.Module):
         module_dropout: float | None = None,
     ):
         super().__init__()
-        if not isinstance(org_module, nn.Linear):
+        if not isinstance(org_module, (nn.Linear, FusedLinear)):
             title = KIND_TITLES.get(self.KIND, "adapter")
             raise TypeError(f"{name}: {title} targets must be nn.Linear, got {type(org_module).__name__}")
         if lora_dim <= 0:
@@ -114,6 +121,9 @@ class AdapterModule(nn.Module):
         object.__setattr__(self, "org_module", org_module)
         self._org_forward = None
         self._had_instance_forward = False
+        # fused targets: per part (original forward, whether it was an instance attribute)
+        self._part_forwards: list[tuple] = []
+        self._shared: tuple | None = None  # (input, update, parts still to use it)
 
     # -- alpha and scale ------------------------------------------------------------------------
     def _init_alpha(self, alpha: float | None) -> None:
@@ -132,12 +142,21 @@ class AdapterModule(nn.Module):
 
     # -- hooking ----------------------------------------------------------------------------------
     @property
+    def fused(self) -> bool:
+        return isinstance(self.org_module, FusedLinear)
+
+    @property
     def applied(self) -> bool:
-        return self._org_forward is not None
+        return self._org_forward is not None or bool(self._part_forwards)
 
     def apply_to(self) -> None:
-        """Route the base module's calls through this module (idempotent)."""
+        """Route the base module's calls (each part's, for a fused target) through this module (idempotent)."""
         if self.applied:
+            return
+        if self.fused:
+            for index, part in enumerate(self.org_module.parts):
+                self._part_forwards.append((part.forward, "forward" in part.__dict__))
+                part.forward = lambda x, index=index: self._part_forward(index, x)
             return
         self._had_instance_forward = "forward" in self.org_module.__dict__
         self._org_forward = self.org_module.forward
@@ -147,16 +166,50 @@ class AdapterModule(nn.Module):
         """Give the base module its own forward back (idempotent)."""
         if not self.applied:
             return
-        if self._had_instance_forward:
-            self.org_module.forward = self._org_forward
-        else:
-            # Drop the instance attribute rather than pinning the bound class method, so the module is as it was.
-            del self.org_module.__dict__["forward"]
+        if self.fused:
+            for part, (forward, had_instance) in zip(self.org_module.parts, self._part_forwards):
+                _restore_forward(part, forward, had_instance)
+            self._part_forwards, self._shared = [], None
+            return
+        _restore_forward(self.org_module, self._org_forward, self._had_instance_forward)
         self._org_forward = None
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base module's own output (also when this module is called without being applied)."""
         return self._org_forward(x) if self._org_forward is not None else type(self.org_module).forward(self.org_module, x)
+
+    def _update(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """(the adapter's output for x, the scale to apply), or None when module dropout skips it this forward."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return torch.cat([self._part_forward(i, x) for i in range(len(self.org_module.parts))], dim=-1)
+        org = self._base_forward(x)
+        update = self._update(x)
+        return org if update is None else self._add_delta(org, *update)
+
+    def _part_forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Part `index` of a fused target: its own output plus its rows of the fused update."""
+        part = self.org_module.parts[index]
+        forward = self._part_forwards[index][0] if self._part_forwards else part.forward
+        org = forward(x)
+        update = self._shared_update(x)
+        if update is None:
+            return org
+        first, end = self.org_module.row_ranges()[index]
+        return self._add_delta(org, update[0][..., first:end], update[1])
+
+    def _shared_update(self, x: torch.Tensor):
+        """The update for x, computed by the first part that sees x and reused by the others (identity of x,
+        which the cache holds, so a freed tensor's memory cannot pass for it)."""
+        if self._shared is not None and self._shared[0] is x:
+            _, update, left = self._shared
+        else:
+            update, left = self._update(x), len(self.org_module.parts)
+        left -= 1
+        self._shared = (x, update, left) if left > 0 else None
+        return update
 
     # -- dropout ----------------------------------------------------------------------------------
     def _module_dropped(self) -> bool:
@@ -221,10 +274,9 @@ class LoRAModule(AdapterModule):
         down = self.lora_down.weight.detach().float()
         return (up @ down) * self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        org = self._base_forward(x)
+    def _update(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         if self._module_dropped():
-            return org
+            return None
         lx = self.lora_down(x.to(self.lora_down.weight.dtype))
         scale = self.scale
         if self.training and self.dropout:
@@ -232,7 +284,15 @@ class LoRAModule(AdapterModule):
         if self.training and self.rank_dropout:
             lx = lx * _rank_mask(lx, self.rank_dropout)
             scale = scale / (1.0 - self.rank_dropout)
-        return self._add_delta(org, self.lora_up(lx), scale)
+        return self.lora_up(lx), scale
+
+
+def _restore_forward(module: nn.Module, forward, had_instance_forward: bool) -> None:
+    if had_instance_forward:
+        module.forward = forward
+    else:
+        # Drop the instance attribute rather than pinning the bound class method, so the module is as it was.
+        del module.__dict__["forward"]
 
 
 def _rank_mask(lx: torch.Tensor, p: float) -> torch.Tensor:
@@ -242,7 +302,8 @@ def _rank_mask(lx: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class LoRANetwork(nn.Module):
-    """Adapter modules (LoRA by default, any AdapterModule class) for Linear layers named by their official names.
+    """Adapter modules (LoRA by default, any AdapterModule class) for Linear layers (or FusedLinear views) named by
+    their official names.
 
     `module_class` picks the adapter type; `module_kwargs` are extra constructor arguments for it (LoKr's factor).
     """
@@ -370,9 +431,14 @@ class LoRANetwork(nn.Module):
         """Add every adapter update into its base weight (in the base weight's dtype) and restore the base forwards."""
         self.restore()
         for m in self.loras.values():
-            weight = m.org_module.weight
-            merged = weight.float() + m.delta_weight().to(weight.device) * multiplier
-            weight.copy_(merged.to(weight.dtype))
+            target = m.org_module
+            parts = target.parts if isinstance(target, FusedLinear) else [target]
+            ranges = target.row_ranges() if isinstance(target, FusedLinear) else [(0, target.out_features)]
+            delta = m.delta_weight()
+            for part, (first, end) in zip(parts, ranges):
+                weight = part.weight
+                merged = weight.float() + delta[first:end].to(weight.device) * multiplier
+                weight.copy_(merged.to(weight.dtype))
 
 
 def _key_mismatch_message(

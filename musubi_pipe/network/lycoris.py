@@ -103,15 +103,14 @@ class LoHaModule(AdapterModule):
         w2 = self.hada_w2_a.detach().float() @ self.hada_w2_b.detach().float()
         return w1 * w2 * self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        org = self._base_forward(x)
+    def _update(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         if self._module_dropped():
-            return org
+            return None
         lx = x.to(self.hada_w1_a.dtype)
         if self.training and self.dropout:
             lx = F.dropout(lx, p=self.dropout)
         weight, scale = self._weight(self.training)
-        return self._add_delta(org, F.linear(lx, weight), scale)
+        return F.linear(lx, weight), scale
 
 
 class LoKrModule(AdapterModule):
@@ -170,15 +169,13 @@ class LoKrModule(AdapterModule):
         """The float32 update scale·kron(W1, W2) (multiplier not applied)."""
         return torch.kron(self.lokr_w1.detach().float(), self._w2(detach=True)) * self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        org = self._base_forward(x)
+    def _update(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         if self._module_dropped():
-            return org
+            return None
         lx = x.to(self.lokr_w1.dtype)
         if self.training and self.dropout:
             lx = F.dropout(lx, p=self.dropout)
-        weight = torch.kron(self.lokr_w1, self._w2())
-        return self._add_delta(org, F.linear(lx, weight), self.scale)
+        return F.linear(lx, torch.kron(self.lokr_w1, self._w2())), self.scale
 
 
 class LoHaNetwork(LoRANetwork):

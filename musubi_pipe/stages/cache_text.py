@@ -24,7 +24,7 @@ def all_texts(job: Job) -> list[str]:
 def inputs(job: Job) -> dict:
     return {
         "items": sorted(common.text_key(job, text) for text in all_texts(job)),
-        "encoder": job.cached("text_doc", lambda: common.encoder_document(job, "text", "t5_dtype")),
+        "encoder": common.text_document(job),
     }
 
 
@@ -39,13 +39,14 @@ def encode_texts(job: Job, texts: list[str], force: bool = False, progress: bool
     mine = job.dist.shard(todo)  # several processes: each encodes its share
     if mine:
         device = common.resolve_device(job)
-        dtype = common.torch_dtype(common.resolve_dtype(job, "t5_dtype"))
+        dtype = common.torch_dtype(common.resolve_dtype(job, common.text_dtype_key(job)))
         encoder = common.family(job).load_text_encoder(common.model_cfg(job), device, dtype)
         batches = [mine[i : i + BATCH] for i in range(0, len(mine), BATCH)]
         with torch.no_grad():
             for batch in tqdm(batches, desc="text encoder", disable=not (progress and job.dist.main)):
-                for text, embedding in zip(batch, encoder.encode(batch)):
-                    common.save_item(job.store.item_path(KIND, keys[text]), {"embedding": embedding.float().cpu()})
+                for text, tensors in zip(batch, encoder.encode(batch)):
+                    stored = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in tensors.items()}
+                    common.save_item(job.store.item_path(KIND, keys[text]), stored)
         del encoder
     return keys, len(todo)
 

@@ -198,9 +198,30 @@ def text_key(job: Job, text: str) -> str:
     doc = {
         "format": TEXT_FORMAT,
         "text": text,
-        "encoder": job.cached("text_doc", lambda: encoder_document(job, "text", "t5_dtype")),
+        "encoder": text_document(job),
     }
     return fingerprint(doc)
+
+
+def text_dtype_key(job: Job) -> str:
+    """The model.* key holding the text encoders' dtype (Family.text_dtype_key, e.g. Wan's t5_dtype)."""
+    return family(job).text_dtype_key
+
+
+def text_document(job: Job) -> dict:
+    """What identifies the text encoders (encoder_document of part "text"), computed once per job."""
+    return job.cached("text_doc", lambda: encoder_document(job, "text", text_dtype_key(job)))
+
+
+def text_entry(job: Job, key: str, device=None, dtype=None) -> dict:
+    """A text's cached embedding tensors ({name: tensor}, as TextEncoder.encode made them), floating ones
+    moved to `device` and cast to `dtype` when given."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(job.store.item_path("text", key)))
+    if device is None and dtype is None:
+        return tensors
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
 
 
 def item_record(item) -> dict:

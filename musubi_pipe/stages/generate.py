@@ -44,7 +44,7 @@ def inputs(job: Job) -> dict:
     doc["loras"] = [dict(entry, path=job.digests.digest(entry["path"])) for entry in sampling.get("loras") or []]
     doc["latents"] = [job.digests.digest(path) for path in sampling.get("latents") or []]
     if not sampling.get("latents"):
-        doc["text"] = job.cached("text_doc", lambda: common.encoder_document(job, "text", "t5_dtype"))
+        doc["text"] = common.text_document(job)
     return doc
 
 
@@ -139,15 +139,13 @@ def _load(job: Job, device, dtype):
 
 
 def _embeddings(job: Job, prompts: list[dict], device, dtype, progress: bool):
-    from safetensors.torch import load_file
-
-    from musubi_pipe.stages.cache_text import KIND, encode_texts
+    from musubi_pipe.stages.cache_text import encode_texts
 
     texts = sorted({p["prompt"] for p in prompts} | {p["negative_prompt"] for p in prompts})
     keys, _ = encode_texts(job, texts, progress=progress)
 
     def embedding(text):
-        return load_file(str(job.store.item_path(KIND, keys[text])))["embedding"].to(device, dtype)
+        return common.text_entry(job, keys[text], device, dtype)
 
     return embedding
 

@@ -96,8 +96,6 @@ def _load_image(path: str, width: int, height: int):
 
 
 def run(ctx: StageContext) -> dict:
-    from safetensors.torch import load_file
-
     job, sampling = ctx.job, ctx.cfg["sampling"]
     defaults = _defaults(job)
     prompts = prompt_settings(sampling, defaults)
@@ -121,7 +119,7 @@ def run(ctx: StageContext) -> dict:
                                    sampling["lora_multiplier"])
 
     def embedding(text):
-        return load_file(str(job.store.item_path("text", text_index[text])))["embedding"].to(device, dit_dtype)
+        return common.text_entry(job, text_index[text], device, dit_dtype)
 
     latents_out = render(family, experts, dits, geometry, prompts, conds, embedding, device,
                          ctx.runtime.get("progress", True))

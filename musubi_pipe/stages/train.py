@@ -72,8 +72,6 @@ def _network_weights_digest(job: Job):
 def run(ctx: StageContext) -> dict:
     import shutil
 
-    from safetensors.torch import load_file
-
     from musubi_pipe.training.loop import Trainer
 
     job, cfg = ctx.job, ctx.cfg
@@ -91,7 +89,7 @@ def run(ctx: StageContext) -> dict:
              "sampling": job.cfg["sampling"]},
         latents_index=latents_index,
         latent_path=lambda record: job.store.item_path("latents", record["entry"]),
-        text_entry=lambda text: load_file(str(job.store.item_path("text", text_index[text])))["embedding"],
+        text_entry=lambda text: common.text_entry(job, text_index[text]),
         checkpoint_dir=ctx.partial_dir(),
         device=device,
         dit_dtype=dit_dtype,
@@ -139,8 +137,6 @@ def _sampler(ctx: StageContext, text_index: dict):
     partial folder's samples/ (`<label>_NN.png|mp4`, label e.g. step00000100 or e000002) and log them."""
     import logging
 
-    from safetensors.torch import load_file
-
     from musubi_pipe.stages.sample import prompt_conditions, prompt_settings, render, write_samples
 
     job = ctx.job
@@ -154,7 +150,7 @@ def _sampler(ctx: StageContext, text_index: dict):
     conds = []
 
     def embedding(text):
-        return load_file(str(job.store.item_path("text", text_index[text])))["embedding"].to(device, dit_dtype)
+        return common.text_entry(job, text_index[text], device, dit_dtype)
 
     def sample(trainer, label: str) -> None:
         if len(trainer.experts) < len(family.experts(model)):

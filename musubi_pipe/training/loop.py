@@ -48,7 +48,7 @@ class Trainer:
     """Trains one LoRA on cached latents and text embeddings.
 
     `cfg` holds the stage's declared groups (network, optimizer, training, dataset, memory);
-    `latent_path(record)` gives a latent entry's file, `text_entry(caption)` its embedding tensor.
+    `latent_path(record)` gives a latent entry's file, `text_entry(caption)` its embedding tensors ({name: tensor}).
     """
 
     def __init__(self, *, family, model_cfg, cfg, latents_index, latent_path, text_entry, checkpoint_dir: Path, device,
@@ -307,7 +307,8 @@ class Trainer:
     def _load_batch(self, batch: list[dict]):
         """(latents, cached conditioning, text embeddings on the device) of a batch of index records."""
         latents, cached, embeds = self._read_batch(batch)
-        return latents, cached, [e.to(self.device, self.dit_dtype) for e in embeds]
+        return latents, cached, [{k: v.to(self.device, self.dit_dtype) if v.is_floating_point() else v.to(self.device)
+                                  for k, v in e.items()} for e in embeds]
 
     def _read_batch(self, batch: list[dict]):
         """The batch's tensors as stored (CPU), from memory when read recently; runs in the prefetch thread."""
@@ -315,8 +316,7 @@ class Trainer:
                    for r in batch]
         latents = torch.stack([e["latents"] for e in entries])
         cached = {k: torch.stack([e[k] for e in entries]) for k in entries[0] if k != "latents"}
-        embeds = [self._entries.get(("text", r["caption"]), lambda r=r: {"e": self.text_entry(r["caption"])})["e"]
-                  for r in batch]
+        embeds = [self._entries.get(("text", r["caption"]), lambda r=r: self.text_entry(r["caption"])) for r in batch]
         return latents, cached, embeds
 
     def _prefetched(self, index: int, batch: list[dict]):
@@ -334,7 +334,8 @@ class Trainer:
         following = index + self.dist.world
         if following < self.max_steps * self.batches_per_step and following not in self._pending:
             self._pending[following] = self._reader.submit(self._read_batch, self.batch_at(following))
-        return latents, cached, [e.to(self.device, self.dit_dtype) for e in embeds]
+        return latents, cached, [{k: v.to(self.device, self.dit_dtype) if v.is_floating_point() else v.to(self.device)
+                                  for k, v in e.items()} for e in embeds]
 
     def _loss(self, latents, cached, embeds, noise, t, expert, weights) -> torch.Tensor:
         inputs = self.family.training_inputs(self.model_cfg, latents, noise, t, cached, self.generator)

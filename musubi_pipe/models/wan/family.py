@@ -57,6 +57,7 @@ class WanFamily:
 
     name = "wan"
     modelspec_arch = "wan2.1"  # musubi writes wan2.1 for Wan2.2 too
+    text_dtype_key = "t5_dtype"
     # model.* keys of this family beyond the common ones (config/schema.py), with their types
     model_keys = {
         "dit_high_noise": "str?",  # Wan2.2 A14B: the high-noise expert (model.dit is the low-noise one)
@@ -236,7 +237,8 @@ class WanFamily:
         # Wan always sees text_len tokens: the real ones, then zeros (load_dit stores the task on the model)
         text_len = dit._wan_task.text_len
         device, dtype = noisy_latents.device, dit.dtype
-        context = torch.stack([F.pad(e, (0, 0, 0, text_len - e.shape[0])) for e in text_embeds]).to(device, dtype)
+        embeds = [e["embedding"] for e in text_embeds]
+        context = torch.stack([F.pad(e, (0, 0, 0, text_len - e.shape[0])) for e in embeds]).to(device, dtype)
         x, timestep, extra = noisy_latents.to(dtype), timesteps.to(device), {}
         if "latents_image" in cond:
             x = torch.cat([x, cond["latents_image"].to(device, dtype)], dim=1)

@@ -152,7 +152,7 @@ def t5_to_official(state: dict) -> dict:
 
 # -- the encoder ---------------------------------------------------------------------------------------
 class WanTextEncoder(FrozenEncoder):
-    """UMT5 encoder + tokenizer; `encode` returns one [L_i, D] tensor per text, L_i = its real token count."""
+    """UMT5 encoder + tokenizer; `encode` returns {"embedding": [L_i, D]} per text, L_i = its real token count."""
 
     def __init__(self, tokenizer, model, text_len: int):
         super().__init__(model)
@@ -177,7 +177,7 @@ class WanTextEncoder(FrozenEncoder):
         with torch.no_grad():
             hidden = self.model(input_ids=batch.input_ids.to(self.device), attention_mask=mask).last_hidden_state
         # clone: a slice would keep the whole padded batch alive and share storage between items
-        return [h[:n].clone() for h, n in zip(hidden, mask.sum(dim=1).tolist())]
+        return [{"embedding": h[:n].clone()} for h, n in zip(hidden, mask.sum(dim=1).tolist())]
 
 
 def load_text_encoder(t5_value, tokenizer_value, task: WanTask, device, dtype, key: str = "model.t5") -> WanTextEncoder:
