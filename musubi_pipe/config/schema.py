@@ -74,7 +74,7 @@ SCHEMA: dict[str, dict] = {
         "loraid_unit": ("block", "submodule"),
         "network_weights": "str?",
         "save_dtype": ("float32", "bfloat16", "float16"),
-        "save_format": ("musubi",),
+        "save_format": ("musubi", "comfy", "official", "diffusers", None),
     },
     "training": {
         "seed": "int",
@@ -105,7 +105,10 @@ SCHEMA: dict[str, dict] = {
     },
     "sampling": {
         "prompts": "list",
-        "negative_prompt": "str",
+        "negative_prompt": "str?",
+        "embedded_guidance_scale": "float?",
+        "video": "str?",
+        "strength": "float?",
         "width": "int",
         "height": "int",
         "frames": "int",
@@ -148,6 +151,9 @@ PROMPT_KEYS = {
     "guidance_scale_high": "float?",
     "shift": "float?",
     "image": "str?",
+    "embedded_guidance_scale": "float?",
+    "video": "str?",
+    "strength": "float?",
 }
 
 

@@ -71,9 +71,14 @@ def _check_loraid(cfg: dict) -> list[tuple[str, str]]:
     """LORAID settings: capacity for the model, and no other way of choosing modules beside them."""
     from musubi_pipe.network.loraid import check_loraid_settings
 
+    from musubi_pipe.models import get_family
+
     net = cfg["network"]
     if net.get("loraid") is None:
         return []
+    if not getattr(get_family(cfg["model"]["arch"]), "supports_loraid", False):
+        return [("network.loraid", f"LORAID allocation is built for Wan models only, not model.arch="
+                 f"{cfg['model']['arch']}; remove network.loraid")]
     problems = check_loraid_settings(net, cfg["model"].get("task"))
     if net.get("include_patterns"):
         problems.append(("network.include_patterns", "is set with network.loraid, which already chooses the modules; "
@@ -122,14 +127,16 @@ def validate(cfg: dict) -> None:
         raise ConfigError(problems)
     prepare_embedded(cfg)
     from musubi_pipe.models import get_family
-    from musubi_pipe.stages.sample import check_prompts
+    from musubi_pipe.stages.sample import check_embedded_guidance, check_prompts
 
     family = get_family(cfg["model"]["arch"])
     problems = family.check_config(cfg["model"])
     if problems:
         raise ConfigError(problems)
-    problems = _check_experts(cfg, family) + _check_dataset_features(cfg["dataset"])
     stages = cfg["pipeline"]["stages"]
+    problems = _check_experts(cfg, family) + _check_dataset_features(cfg["dataset"])
+    problems += family.check_stages(cfg["model"], stages) + _check_save_format(cfg, family)
+    problems += check_embedded_guidance(cfg["sampling"], family.sampling_defaults(cfg["model"]))
     if "sample" in stages or ("generate" in stages and not cfg["sampling"].get("latents")):
         problems += check_prompts(cfg["sampling"], family.geometry(cfg["model"]), family.sample_image(cfg["model"]))
     if "generate" in stages:
@@ -162,6 +169,18 @@ def _check_dataset_features(dataset: dict) -> list[tuple[str, str]]:
                 problems.append((f"{entry_where(dataset, i)}.{key}", f"asks for {feature}, which musubi_pipe does not "
                                  "support yet; remove the key"))
     return problems
+
+
+def _check_save_format(cfg: dict, family) -> list[tuple[str, str]]:
+    value = cfg["network"].get("save_format")
+    allowed = family.lora_naming.save_formats
+    if value is not None and value not in allowed:
+        return [("network.save_format", f"is {value!r}; {family.name} LoRAs are saved as one of {list(allowed)} "
+                 f"(null: {family.lora_naming.default_save_format})")]
+    if value == "diffusers" and cfg["network"]["network_module"] != "lora":
+        return [("network.save_format", "is diffusers, which loads no LoHa or LoKr; use network_module=lora or "
+                 "another format")]
+    return []
 
 
 def _check_experts(cfg: dict, family) -> list[tuple[str, str]]:

@@ -101,6 +101,34 @@ class TextEncoder(Protocol):
         the real token length; cache_text stores them as one entry and `Family.predict` gets them back."""
 
 
+class LoraNaming(Protocol):
+    """How a family's LoRA files spell its modules (torch-free); network.formats reads and writes through it.
+
+    Canonical names are the official checkpoint's module paths (`blocks.0.self_attn.q`,
+    `double_blocks.0.img_attn_qkv`).
+    """
+
+    arch: str
+    save_formats: tuple[str, ...]  # the network.save_format values this family writes (network.formats.FORMATS)
+    default_save_format: str  # what network.save_format null means: the layout ComfyUI and musubi-tuner load
+    description: str  # the module names it reads, for error messages
+
+    def claims(self, names) -> bool:
+        """Whether these module names (dotted or underscored) are this family's."""
+
+    def official_from_underscored(self, written: str) -> str | None:
+        """`blocks_0_self_attn_q` -> `blocks.0.self_attn.q`; None when not a module of this family."""
+
+    def official_from_diffusers(self, name: str) -> str | None:
+        """A diffusers module path's official name, None when `name` is not a diffusers-only name."""
+
+    def diffusers_file_name(self, official: str) -> str | None:
+        """The module path diffusers' LoRA loader expects for an official module, None when it has none."""
+
+    def diffusers_problems(self, modules) -> list[str]:
+        """Why a LoRA on these official modules cannot be written for diffusers (empty: it can)."""
+
+
 class Family(Protocol):
     """One architecture family (Wan, HunyuanVideo, ...), found through models.get_family(arch)."""
 
@@ -108,6 +136,7 @@ class Family(Protocol):
     modelspec_arch: str  # SAI ModelSpec architecture id of its LoRA files
     model_keys: dict  # model.* config keys of this family beyond the common ones, with type specs
     text_dtype_key: str  # the model.* key of the text encoders' dtype (e.g. "t5_dtype")
+    lora_naming: LoraNaming
 
     def geometry(self, model_cfg: dict) -> Geometry: ...
 
@@ -118,7 +147,13 @@ class Family(Protocol):
         """Whether sampling takes a conditioning image: "required", "optional" or "none"."""
 
     def sampling_defaults(self, model_cfg: dict) -> dict:
-        """Defaults for sampling keys left null: shift, guidance_scale, guidance_scale_high, fps."""
+        """Defaults for sampling keys left null: steps, shift, guidance_scale, guidance_scale_high, negative_prompt,
+        fps, and embedded_guidance_scale for models with embedded guidance (absent: setting it is an error)."""
+
+    supports_loraid: bool  # whether network.loraid can allocate units of this family's models (network/loraid.py)
+
+    def check_stages(self, model_cfg: dict, stages) -> list[tuple[str, str]]:
+        """Problems with running these pipeline stages on this model (e.g. training an inference-only task)."""
 
     def uses_controls(self, model_cfg: dict) -> bool:
         """Whether the task trains with control media (then cache_latents encodes them as "control_latents_<i>")."""

@@ -1,8 +1,8 @@
-"""Wan LoRA key layouts: read the files other tools write, write musubi, ComfyUI or diffusers layout.
+"""LoRA key layouts: read the files other tools write, write musubi, ComfyUI, official or diffusers layout.
 
 Used by the `convert` tool (musubi_pipe.tools.convert) and by anything that needs a LoRA's weights whatever
 layout its file uses (tests, inspection). Every conversion goes through one canonical in-memory form, keyed by
-the official Wan module path (`blocks.0.self_attn.q`):
+the official module path of the model (`blocks.0.self_attn.q`, `double_blocks.0.img_attn_qkv`):
 
     {"kind": "lora", "down": A [rank, in], "up": B [out, rank], "alpha": float}
     {"kind": "loha" | "lokr", "tensors": {"hada_w1_a": ..., ...} | {"lokr_w1": ..., ...}, "alpha": float}
@@ -12,7 +12,11 @@ the official Wan module path (`blocks.0.self_attn.q`):
     convert_file("in.safetensors", "out.safetensors", "diffusers", dtype="bfloat16")
     deltas = delta_weights(canonical)                       # {module: ΔW = up @ down * alpha / rank}
 
-Written layouts (FORMATS; what loads where is in /work/shared/reference/lora-formats.md sections 1 and 3.1):
+Module names are the architecture's (models.base.LoraNaming, found by models.lora_naming_for from the file's
+`ss_base_model_version` or its names): underscored names are resolved and diffusers names translated through it.
+
+Written layouts (FORMATS; what loads where is in /work/shared/reference/lora-formats.md sections 1 and 3; each
+family lists the ones it writes in LoraNaming.save_formats):
 - musubi: `lora_unet_<official path, . -> _>.lora_down.weight` / `.lora_up.weight` / `.alpha`, LoHa `.hada_*`,
   LoKr `.lokr_*` (+ `.alpha`). musubi-tuner, this project and ComfyUI load it; diffusers only when every block has
   all its linears (its `lora_unet_` converter is strict).
@@ -20,8 +24,12 @@ Written layouts (FORMATS; what loads where is in /work/shared/reference/lora-for
   (musubi-tuner's `convert_lora.py --target other`). ComfyUI and diffusers (its `diffusion_model.` converter,
   where missing modules are fine) both load it, also for a LoRA on a subset of the modules. LoHa/LoKr keep their
   `hada_*` / `lokr_*` names and `.alpha` there: ComfyUI loads them, diffusers loads no LoHa/LoKr at all.
-- diffusers: `transformer.<diffusers path>.lora_A.weight` / `.lora_B.weight` (PEFT), alpha baked in, no alpha
-  key; block linears only (the names of models/wan/names.py), LoRA only.
+- official: `diffusion_model.<official path>.lora_down.weight` / `.lora_up.weight` / `.alpha`: ComfyUI and
+  musubi-tuner (its diffusers-format converter keeps the alphas) load it; HunyuanVideo's default, because
+  ComfyUI matches HunyuanVideo's `lora_unet_` names only for some modules (lora-formats.md 1.2).
+- diffusers: `transformer.<path diffusers' loader expects>.lora_A.weight` / `.lora_B.weight`, alpha baked in, no
+  alpha key, LoRA only. Wan: diffusers paths of the block linears (models/wan/names.py); HunyuanVideo: official
+  paths (diffusers converts them itself), with an img_attn_qkv module and none it mishandles.
 
 Key rules:
 - The scale of a LoRA is alpha / rank (rank = rows of `down`); a file without alpha means alpha = rank, as in
@@ -52,7 +60,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from musubi_pipe.errors import UserError
-from musubi_pipe.models.wan.names import BLOCK_LINEARS, diffusers_module_name, official_module_name
+from musubi_pipe.models import lora_naming_for
 
 log = logging.getLogger("musubi_pipe")
 
@@ -75,6 +83,8 @@ FORMATS: dict[str, Layout] = {
                      "lora_unet_<module>.lora_down/lora_up.weight + .alpha (musubi-tuner, ComfyUI)"),
     "comfy": Layout("diffusion_model.", "official", "lora_A.weight", "lora_B.weight", True, True,
                     "diffusion_model.<module>.lora_A/lora_B.weight, alpha baked in (ComfyUI, diffusers)"),
+    "official": Layout("diffusion_model.", "official", "lora_down.weight", "lora_up.weight", False, True,
+                       "diffusion_model.<module>.lora_down/lora_up.weight + .alpha (ComfyUI, musubi-tuner)"),
     "diffusers": Layout("transformer.", "diffusers", "lora_A.weight", "lora_B.weight", True, False,
                         "transformer.<diffusers module>.lora_A/lora_B.weight, alpha baked in (diffusers/PEFT)"),
 }
@@ -107,13 +117,6 @@ SUFFIX_ROLES: dict[str, tuple[str | None, str]] = {
 _ROLE_KINDS = {role: kind for kind, role in SUFFIX_ROLES.values() if kind}
 KIND_TITLES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
-# Official block-linear sub-paths by their underscored spelling (`self_attn_q` -> `self_attn.q`), from names.py.
-BLOCK_SUBPATHS = {o.split("{}.", 1)[1].replace(".", "_"): o.split("{}.", 1)[1] for _, o in BLOCK_LINEARS}
-_UNDERSCORED_BLOCK = re.compile(r"^blocks_(\d+)_(.+)$")
-# Official Wan linears outside the blocks (lora-formats.md 2.1), for reading their underscored musubi names.
-OTHER_LINEARS = ("text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
-                 "time_projection.1", "head.head", "img_emb.proj.1", "img_emb.proj.3")
-_OTHER_BY_UNDERSCORED = {name.replace(".", "_"): name for name in OTHER_LINEARS}
 
 BAKED_ALPHA_KEY = "ss_lora_baked_alpha"  # JSON: one alpha for every module, or {module: alpha}
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header with the PEFT LoraConfig (lora_alpha, ...)
@@ -147,35 +150,40 @@ def _split_key(key: str) -> _Key | None:
     return _Key(prefix, written, suffix) if written and suffix in SUFFIX_ROLES else None
 
 
-def _official_path(key: _Key) -> tuple[str, str] | None:
-    """(official module path, naming the file used), or None when an underscored name is not a Wan linear."""
+def _official_path(key: _Key, naming) -> tuple[str, str] | None:
+    """(official module path, naming the file used), or None when an underscored name is not a module of `naming`."""
     if key.prefix in UNDERSCORED_PREFIXES:
-        m = _UNDERSCORED_BLOCK.match(key.written)
-        if m and m.group(2) in BLOCK_SUBPATHS:
-            return f"blocks.{m.group(1)}.{BLOCK_SUBPATHS[m.group(2)]}", "official"
-        other = _OTHER_BY_UNDERSCORED.get(key.written)
-        return (other, "official") if other else None
-    if diffusers_module_name(key.written) is None:
-        official = official_module_name(key.written)
-        if official is not None:
-            return official, "diffusers"
+        official = naming.official_from_underscored(key.written)
+        return (official, "official") if official else None
+    official = naming.official_from_diffusers(key.written)
+    if official is not None:
+        return official, "diffusers"
     return key.written, "official"
 
 
-def _unknown_keys_error(source: str, unknown: list[str], total: int) -> UserError:
+def _naming(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None):
+    """The LoraNaming of the file's architecture, from its metadata or its module names."""
+    names = []
+    for key in tensors:
+        parsed = _split_key(key)
+        if parsed:
+            names.append(parsed.written)
+    return lora_naming_for(names, metadata)
+
+
+def _unknown_keys_error(source: str, unknown: list[str], total: int, naming) -> UserError:
     more = f" (and {len(unknown) - _MAX_LISTED} more)" if len(unknown) > _MAX_LISTED else ""
     return UserError(
-        f"{source}: {len(unknown)} of {total} keys fit no Wan LoRA layout this tool reads: "
+        f"{source}: {len(unknown)} of {total} keys fit no {naming.arch} LoRA layout this tool reads: "
         f"{', '.join(unknown[:_MAX_LISTED])}{more}. Expected lora_unet_<module>.lora_down.weight/.lora_up.weight/"
         ".alpha (musubi), diffusion_model.<module>.lora_A.weight/.lora_B.weight (ComfyUI, diffusion-pipe) or "
         "transformer.<diffusers module>.lora_A.weight/.lora_B.weight (diffusers), LoHa .hada_* or LoKr .lokr_*; "
-        ".diff, .diff_b, .dora_scale and Tucker keys are not supported, and underscored names must be Wan linears "
-        f"(blocks_N_{{{','.join(BLOCK_SUBPATHS)}}} or {', '.join(_OTHER_BY_UNDERSCORED)}). Remove those keys or "
-        "convert the file with the tool that wrote it"
+        ".diff, .diff_b, .dora_scale and Tucker keys are not supported, and underscored names must be "
+        f"{naming.description}. Remove those keys or convert the file with the tool that wrote it"
     )
 
 
-def _group_keys(tensors: Mapping[str, Any], source: str):
+def _group_keys(tensors: Mapping[str, Any], source: str, arch_naming):
     """Group the keys by official module: ({module: {role: (key, tensor)}}, prefixes, namings, written names)."""
     modules: dict[str, dict[str, tuple[str, Any]]] = defaultdict(dict)
     written: dict[str, str] = {}
@@ -184,7 +192,7 @@ def _group_keys(tensors: Mapping[str, Any], source: str):
     unknown: list[str] = []
     for key, value in tensors.items():
         parsed = _split_key(key)
-        resolved = _official_path(parsed) if parsed else None
+        resolved = _official_path(parsed, arch_naming) if parsed else None
         if resolved is None:
             unknown.append(key)
             continue
@@ -198,7 +206,7 @@ def _group_keys(tensors: Mapping[str, Any], source: str):
         prefixes.add(parsed.prefix)
         namings.add(naming)
     if unknown:
-        raise _unknown_keys_error(source, sorted(unknown), len(tensors))
+        raise _unknown_keys_error(source, sorted(unknown), len(tensors), arch_naming)
     if not modules:
         raise UserError(f"{source}: no tensors; is this a LoRA file?")
     if len(prefixes) > 1:
@@ -267,19 +275,20 @@ def _lycoris_rank(kind: str, tensors: Mapping[str, Any]) -> int | None:
 def read_lora(
     tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, source: str = "LoRA state dict"
 ) -> tuple[dict[str, dict[str, Any]], str]:
-    """Read a Wan LoRA in any layout this module knows: (canonical form, source format name).
+    """Read a LoRA in any layout this module knows: (canonical form, source format name).
 
     `metadata` (the file's header, optional) lets read_lora undo alpha baking recorded by convert_file and apply
     a diffusers `lora_adapter_metadata` lora_alpha. Raises UserError naming `source` for unknown keys, mixed
     prefixes, incomplete modules or shapes that are not a Linear adapter.
     """
-    modules, prefix, namings, written = _group_keys(tensors, source)
+    arch_naming = _naming(tensors, metadata)
+    modules, prefix, namings, written = _group_keys(tensors, source, arch_naming)
     naming = "diffusers" if "diffusers" in namings else "official"
     if naming == "diffusers":
-        strays = sorted(m for m in modules if diffusers_module_name(m) is None)
+        strays = sorted(m for m in modules if arch_naming.diffusers_file_name(m) is None)
         if strays:
-            raise UserError(f"{source}: modules {', '.join(strays[:_MAX_LISTED])} have no official Wan name "
-                            "(models/wan/names.py maps the block linears only); remove them to convert this file")
+            raise UserError(f"{source}: modules {', '.join(strays[:_MAX_LISTED])} have no official {arch_naming.arch} "
+                            "name (only block linears are mapped); remove them to convert this file")
     has_alpha = any("alpha" in roles for roles in modules.values())
     source_format = SOURCE_FORMATS[(prefix, naming)]
     if source_format == "diffusers" and has_alpha:
@@ -341,17 +350,17 @@ def _apply_peft_alphas(
 
 
 # -- writing ------------------------------------------------------------------------------------
-def _stem(module: str, layout: Layout) -> str:
+def _stem(module: str, layout: Layout, naming) -> str:
     if layout.naming == "underscored":
         from musubi_pipe.network.lora import lora_name
 
         return lora_name(module, layout.prefix.removesuffix("_"))
     if layout.naming == "diffusers":
-        return layout.prefix + diffusers_module_name(module)
+        return layout.prefix + naming.diffusers_file_name(module)
     return layout.prefix + module
 
 
-def _check_writable(canonical: Mapping[str, Mapping[str, Any]], to: str) -> Layout:
+def _check_writable(canonical: Mapping[str, Mapping[str, Any]], to: str, naming) -> Layout:
     if to not in FORMATS:
         raise UserError(f"unknown LoRA format {to!r}; choose one of {', '.join(FORMATS)}")
     layout = FORMATS[to]
@@ -360,13 +369,12 @@ def _check_writable(canonical: Mapping[str, Mapping[str, Any]], to: str) -> Layo
     kinds = Counter(entry["kind"] for entry in canonical.values())
     if not layout.lycoris and set(kinds) - {"lora"}:
         titles = " and ".join(KIND_TITLES[k] for k in sorted(set(kinds) - {"lora"}))
-        raise UserError(f"the LoRA holds {titles} modules: diffusers loads no LoHa or LoKr (its Wan loader reads "
+        raise UserError(f"the LoRA holds {titles} modules: diffusers loads no LoHa or LoKr (its loaders read "
                         "LoRA lora_A/lora_B weights only). Convert to comfy (ComfyUI loads LoHa/LoKr) or keep musubi")
     if layout.naming == "diffusers":
-        strays = sorted(m for m in canonical if diffusers_module_name(m) is None)
-        if strays:
-            raise UserError(f"modules {', '.join(strays[:_MAX_LISTED])} have no diffusers name (models/wan/names.py "
-                            "maps the block linears only). Convert to comfy instead: diffusers loads that too")
+        problems = naming.diffusers_problems(list(canonical))
+        if problems:
+            raise UserError("; ".join(problems))
     if layout.bake_alpha and any(e["kind"] == "lora" and float(e["alpha"]) < 0 for e in canonical.values()):
         raise UserError("the LoRA has a negative alpha, which cannot be baked into A and B as sqrt(alpha/rank); "
                         "convert to musubi, which keeps the alpha keys")
@@ -383,17 +391,39 @@ def musubi_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | Non
     return dict(tensors) if source_format == "musubi" else write_lora(canonical, "musubi")
 
 
+def in_format(tensors: Mapping[str, Any], to: str) -> tuple[dict, dict[str, str]]:
+    """Musubi-layout `tensors` (a network's state dict) in format `to`, and the metadata that records it
+    (`ss_lora_format`, the baked alphas); musubi stays as it is, with no extra metadata (musubi-tuner's files)."""
+    if to == "musubi":
+        return dict(tensors), {}
+    canonical, _ = read_lora(tensors)
+    metadata = {"ss_lora_format": to}
+    baked = baked_alpha_metadata(canonical) if FORMATS[to].bake_alpha else None
+    if baked is not None:
+        metadata[BAKED_ALPHA_KEY] = baked
+    return write_lora(canonical, to), metadata
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """(tensors in the musubi layout, metadata) of a LoRA file in any layout read_lora reads."""
+    from musubi_pipe.network.lora_file import load_lora_file
+
+    tensors, metadata = load_lora_file(path)
+    return musubi_tensors(tensors, metadata, source=str(path)), metadata
+
+
 def write_lora(canonical: Mapping[str, Mapping[str, Any]], to: str, dtype=None) -> dict:
     """The file tensors of `canonical` in format `to` (a FORMATS name), cast to `dtype` (None: as they are).
 
-    Raises UserError for an unknown format, LoHa/LoKr to diffusers, or non-block modules to diffusers.
+    Raises UserError for an unknown format, LoHa/LoKr to diffusers, or modules diffusers cannot take.
     """
     import torch
 
-    layout = _check_writable(canonical, to)
+    naming = lora_naming_for(canonical)
+    layout = _check_writable(canonical, to, naming)
     out = {}
     for module, entry in canonical.items():
-        stem = _stem(module, layout)
+        stem = _stem(module, layout, naming)
         if entry["kind"] == "lora":
             down, up, alpha = entry["down"], entry["up"], float(entry["alpha"])
             factor = math.sqrt(alpha / down.shape[0]) if layout.bake_alpha else 1.0

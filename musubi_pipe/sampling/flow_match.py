@@ -12,16 +12,31 @@ import torch
 from tqdm import tqdm
 
 
-def sample_latents(velocity, *, shape, steps: int, shift: float, seed: int, progress=True) -> torch.Tensor:
-    """Return denoised latents of `shape` [B, C, F, H, W] (float32, CPU), starting from seeded noise."""
+def sample_latents(velocity, *, shape, steps: int, shift: float, seed: int, progress=True, init=None,
+                   strength: float = 1.0) -> torch.Tensor:
+    """Return denoised latents of `shape` [B, C, F, H, W] (float32, CPU), starting from seeded noise.
+
+    Video-to-video: with `init` (clean latents of `shape`) only the last round(steps * strength) steps run,
+    from init noised to that step's sigma (x = sigma * noise + (1 - sigma) * init), as musubi-tuner's
+    `--video_path --strength`: strength 1 ignores the video, 0 returns it unchanged.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(steps, device="cpu")
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+    timesteps = scheduler.timesteps
+    if init is not None:
+        start = steps - int(round(steps * strength))
+        if start >= steps:
+            return init.float().cpu().clone()
+        sigma = float(scheduler.sigmas[start])
+        latents = sigma * latents + (1.0 - sigma) * init.float().cpu()
+        timesteps = timesteps[start:]
+        scheduler.set_begin_index(start)
     with torch.no_grad():
-        for timestep in tqdm(scheduler.timesteps, desc="sample", disable=not progress):
+        for timestep in tqdm(timesteps, desc="sample", disable=not progress):
             v = velocity(latents, timestep).float().cpu()
             latents = scheduler.step(v, timestep, latents, return_dict=False)[0]
     return latents

@@ -259,11 +259,11 @@ def save_item(path, tensors: dict, metadata: dict | None = None) -> None:
 
 
 def sample_texts(job: Job) -> list[str]:
-    """Return the sampling prompts and negative prompts that cache_text must encode."""
-    sampling = job.cfg["sampling"]
+    """Return the sampling prompts and negative prompts (the task's default where unset) that cache_text must encode."""
+    from musubi_pipe.stages.sample import prompt_settings
+
+    defaults = family(job).sampling_defaults(model_cfg(job))
     texts = []
-    for prompt in sampling.get("prompts") or []:
-        texts.append(prompt["prompt"])
-        negative = prompt.get("negative_prompt")
-        texts.append(sampling["negative_prompt"] if negative is None else negative)
+    for prompt in prompt_settings(job.cfg["sampling"], defaults):
+        texts += [prompt["prompt"], prompt["negative_prompt"]]
     return texts

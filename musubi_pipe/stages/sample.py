@@ -2,9 +2,11 @@
 
 Prompt embeddings come from cache_text (the text encoder is not loaded here). Each prompt may
 override width, height, frames, seed, steps, guidance_scale, guidance_scale_high, shift,
-negative_prompt and image; settings left null take the task's defaults (Family.sampling_defaults,
-e.g. Wan2.2 T2V-A14B: shift 12, guidance 3.0 low / 4.0 high). Image-to-video tasks take the
-conditioning image from `image` (resized and centre-cropped to the prompt's size).
+negative_prompt, image, embedded_guidance_scale, video and strength; settings left null take the task's
+defaults (Family.sampling_defaults, e.g. Wan2.2 T2V-A14B: shift 12, guidance 3.0 low / 4.0 high;
+HunyuanVideo: embedded guidance 6.0). Image-to-video tasks take the conditioning image from `image`
+(resized and centre-cropped to the prompt's size). `video` (a file or a folder of frames) turns a prompt
+into video-to-video: its first `frames` frames are encoded and denoised from `strength` (default 0.8).
 
 Models with two experts switch at the boundary (models.base.route, as in training): the first
 (high-noise) expert uses guidance_scale_high, the other guidance_scale. Each expert gets the LoRA the
@@ -22,7 +24,7 @@ from musubi_pipe.pipeline.stage import Job, Stage, StageContext
 from musubi_pipe.stages import common
 
 SETTINGS = ("width", "height", "frames", "seed", "steps", "guidance_scale", "guidance_scale_high", "shift",
-            "negative_prompt", "image")
+            "negative_prompt", "image", "embedded_guidance_scale", "video", "strength")
 
 
 def prompt_settings(sampling: dict, defaults: dict | None = None) -> list[dict]:
@@ -52,6 +54,7 @@ def check_prompts(sampling: dict, geometry, image_mode: str = "none") -> list[tu
                 problems.append((f"sampling.prompts[{i}].{side}", f"is {p[side]}; use a multiple of {multiple}"))
         if (p["frames"] - 1) % stride:
             problems.append((f"sampling.prompts[{i}].frames", f"is {p['frames']}; use {stride}n+1 (1, 5, 9, ...)"))
+        problems += _check_video(p, i)
         image = p["image"]
         if image_mode == "required" and not image:
             problems.append((f"sampling.prompts[{i}].image", "is not set; this image-to-video task needs a start "
@@ -63,13 +66,37 @@ def check_prompts(sampling: dict, geometry, image_mode: str = "none") -> list[tu
     return problems
 
 
+def _check_video(p: dict, i: int) -> list[tuple[str, str]]:
+    video, strength = p.get("video"), p.get("strength")
+    problems = []
+    if video and not os.path.exists(video):
+        problems.append((f"sampling.prompts[{i}].video", f"{video} does not exist; point it at a video file or a "
+                         "folder of frames"))
+    if strength is not None and not 0 <= strength <= 1:
+        problems.append((f"sampling.prompts[{i}].strength", f"is {strength}; use a value in [0, 1]"))
+    if strength is not None and not video:
+        problems.append((f"sampling.prompts[{i}].strength", "is set without a video (sampling.video or the "
+                         "prompt's video); set one or remove strength"))
+    return problems
+
+
+def check_embedded_guidance(sampling: dict, defaults: dict) -> list[tuple[str, str]]:
+    """embedded_guidance_scale is an error on a model without embedded guidance (its default is absent)."""
+    if "embedded_guidance_scale" in defaults:
+        return []
+    keys = [("sampling.embedded_guidance_scale", sampling.get("embedded_guidance_scale"))]
+    keys += [(f"sampling.prompts[{i}].embedded_guidance_scale", p.get("embedded_guidance_scale"))
+             for i, p in enumerate(sampling.get("prompts") or [])]
+    return [(key, "is set but this model has no embedded guidance; use guidance_scale") for key, v in keys
+            if v is not None]
+
+
 def _defaults(job: Job) -> dict:
     return common.family(job).sampling_defaults(common.model_cfg(job))
 
 
 def inputs(job: Job) -> dict:
     family, model = common.family(job), common.model_cfg(job)
-    images = sorted({p["image"] for p in prompt_settings(job.cfg["sampling"]) if p["image"]})
     return {
         "dit": {
             "files": {e.name: common.weight_digests(job, "dit", e.name) for e in family.experts(model)},
@@ -78,8 +105,18 @@ def inputs(job: Job) -> dict:
         "model": family.training_identity(model),
         "defaults": _defaults(job),
         "vae": job.cached("vae_doc", lambda: common.encoder_document(job, "vae", "vae_dtype")),
-        "images": {path: job.digests.digest(path) for path in images},
+        **conditioning_media(job, prompt_settings(job.cfg["sampling"])),
     }
+
+
+def conditioning_media(job: Job, prompts: list[dict]) -> dict:
+    """Digests of the prompts' start images and video-to-video inputs (part of what their samples depend on)."""
+    images = sorted({p["image"] for p in prompts if p["image"]})
+    videos = sorted({p["video"] for p in prompts if p.get("video")})
+    media = {"images": {path: job.digests.digest(path) for path in images}}
+    if videos:  # only when used: a run without video-to-video keeps the fingerprints it had before the feature
+        media["videos"] = {path: common.media_digest(job, path) for path in videos}
+    return media
 
 
 def _load_image(path: str, width: int, height: int):
@@ -132,16 +169,39 @@ def run(ctx: StageContext) -> dict:
 
 
 def prompt_conditions(family, model, prompts: list[dict], device, vae_dtype) -> list[dict]:
-    """The image conditioning of each prompt (image-to-video tasks; {} for a prompt without an image)."""
+    """Each prompt's conditioning: the start image's (image-to-video tasks), the video's clean latents
+    ("init_latents", video-to-video) and its embedded guidance; {} for a plain prompt."""
+    import torch
+
     conds = [{} for _ in prompts]
-    if any(p["image"] for p in prompts):
+    if any(p["image"] or p.get("video") for p in prompts):
         vae = family.load_vae(model, device, vae_dtype)
         for cond, p in zip(conds, prompts):
             if p["image"]:
                 pixels = _load_image(p["image"], p["width"], p["height"]).to(device, vae_dtype)
                 cond.update({k: v.cpu() for k, v in vae.encode_condition(pixels, p["frames"]).items()})
+            if p.get("video"):
+                pixels = _load_video(p["video"], p["frames"], p["width"], p["height"]).to(device, vae_dtype)
+                with torch.no_grad():
+                    cond["init_latents"] = vae.encode(pixels).float().cpu()
         del vae
+    for cond, p in zip(conds, prompts):
+        if p.get("embedded_guidance_scale") is not None:
+            cond["guidance"] = torch.tensor([float(p["embedded_guidance_scale"])])
     return conds
+
+
+def _load_video(path: str, frames: int, width: int, height: int):
+    """The first `frames` frames of a video file or frame folder as pixels [1, 3, F, H, W] in [-1, 1],
+    cover-resized and centre-cropped to width x height (a shorter video is an error naming it)."""
+    import numpy as np
+    import torch
+
+    from musubi_pipe.data.buckets import resize_to_bucket
+    from musubi_pipe.data.media import load_video_frames
+
+    clip = resize_to_bucket(load_video_frames(path, 0, frames), (width, height))
+    return (torch.from_numpy(np.array(clip)).permute(3, 0, 1, 2).float() / 127.5 - 1.0)[None]
 
 
 def render(family, experts, dits, geometry, prompts: list[dict], conds: list[dict], embedding, device, progress):
@@ -183,7 +243,7 @@ def _load_experts(family, model, experts, device, dtype, offload, train_dir, lor
     """Load every expert's DiT, each with the LoRA the train stage made for it; return (ExpertDits, networks)."""
     from musubi_pipe.models.experts import ExpertDits
     from musubi_pipe.network.factory import network_from_weights
-    from musubi_pipe.network.lora_file import load_lora_file
+    from musubi_pipe.network.formats import read_lora_file
 
     dits, networks = {}, []
     for expert in experts:
@@ -191,7 +251,7 @@ def _load_experts(family, model, experts, device, dtype, offload, train_dir, lor
         dits[expert.name] = dit
         if expert.name in lora_experts:
             path = train_dir / lora_experts[expert.name]
-            tensors, _ = load_lora_file(path)
+            tensors, _ = read_lora_file(path)
             network = network_from_weights(family.lora_targets(dit), tensors, multiplier=multiplier, source=str(path))
             network.to(device)
             network.apply_to()
@@ -208,7 +268,9 @@ def _denoise(family, experts, dits, geometry, p: dict, cond: dict, positive, neg
 
     st, sh, sw = geometry.vae_stride
     shape = (1, geometry.latent_channels, (p["frames"] - 1) // st + 1, p["height"] // sh, p["width"] // sw)
-    cond = {k: v.to(device) for k, v in cond.items()}  # predict casts for the model; float32 kept for exact conditioning
+    init = cond.get("init_latents")
+    # predict casts for the model; float32 kept for exact conditioning
+    cond = {k: v.to(device) for k, v in cond.items() if k != "init_latents"}
 
     def velocity(x, timestep):
         expert = route(experts, float(timestep) / 1000)
@@ -217,7 +279,9 @@ def _denoise(family, experts, dits, geometry, p: dict, cond: dict, positive, neg
         x, t = x.to(device), timestep.expand(x.shape[0]).to(device, torch.float32)
         return guided(lambda pos: family.predict(dit, x, t, positive if pos else negative, cond), scale)
 
-    return sample_latents(velocity, shape=shape, steps=p["steps"], shift=p["shift"], seed=p["seed"], progress=progress)
+    strength = 0.8 if p.get("strength") is None else p["strength"]  # musubi-tuner's default --strength
+    return sample_latents(velocity, shape=shape, steps=p["steps"], shift=p["shift"], seed=p["seed"], progress=progress,
+                          init=init, strength=strength)
 
 
 STAGE = Stage(

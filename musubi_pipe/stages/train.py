@@ -51,16 +51,15 @@ def inputs(job: Job) -> dict:
 
 def _sampling_during_training(job: Job) -> dict | None:
     """What sampling during training depends on (its media are part of the artifact), or None when off."""
-    from musubi_pipe.stages.sample import prompt_settings
+    from musubi_pipe.stages.sample import conditioning_media, prompt_settings
 
     sampling = job.cfg["sampling"]
     when = {k: sampling.get(k) for k in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")}
     if not any(when.values()):
         return None
     defaults = common.family(job).sampling_defaults(common.model_cfg(job))
-    images = sorted({p["image"] for p in prompt_settings(sampling, defaults) if p["image"]})
-    return dict(when, prompts=prompt_settings(sampling, defaults), fps=sampling.get("fps") or defaults["fps"],
-                images={path: job.digests.digest(path) for path in images},
+    prompts = prompt_settings(sampling, defaults)
+    return dict(when, prompts=prompts, fps=sampling.get("fps") or defaults["fps"], **conditioning_media(job, prompts),
                 vae=job.cached("vae_doc", lambda: common.encoder_document(job, "vae", "vae_dtype")))
 
 
@@ -199,15 +198,19 @@ def _save_loras(ctx: StageContext, trainer, train_cfg: dict, folder, label: str 
 
     Names are musubi-tuner's: `<output_name>[_<expert>][-<label>].safetensors`, label e.g. "step00000200".
     """
+    from musubi_pipe.network.formats import in_format
     from musubi_pipe.network.lora_file import save_lora_file
 
     name, family = ctx.cfg["training"]["output_name"], common.family(ctx.job)
     dtype = common.torch_dtype(ctx.cfg["network"]["save_dtype"])
+    save_format = ctx.cfg["network"].get("save_format") or family.lora_naming.default_save_format
     lora_experts = {}
     for suffix, network in trainer.networks.items():
         stem = f"{name}_{suffix}" if suffix else name
         lora_file = folder / (f"{stem}-{label}.safetensors" if label else f"{stem}.safetensors")
-        save_lora_file(lora_file, network.lora_state_dict(dtype), _metadata(ctx, family, trainer, train_cfg, suffix))
+        metadata = _metadata(ctx, family, trainer, train_cfg, suffix)
+        tensors, format_metadata = in_format(network.lora_state_dict(dtype), save_format)
+        save_lora_file(lora_file, tensors, metadata | format_metadata)
         for expert in trainer.experts:
             if not suffix or suffix == expert.name:
                 lora_experts[expert.name] = lora_file.name

@@ -31,7 +31,7 @@ from musubi_pipe.network.loraid import allocation_from_config, modules_by_expert
 from musubi_pipe.errors import UserError
 from musubi_pipe.pipeline.distributed import Dist, fsdp_requested, shard_frozen
 from musubi_pipe.network.lora import LoRANetwork
-from musubi_pipe.network.lora_file import load_lora_file
+from musubi_pipe.network.formats import read_lora_file
 from musubi_pipe.training import checkpoint as ckpt
 from musubi_pipe.training.batches import epoch_batches, group_items
 from musubi_pipe.training.optimizers import build_optimizer
@@ -123,7 +123,7 @@ class Trainer:
             self.networks.setdefault("" if shared else expert.name, network)
             self._expert_networks[expert.name] = network
         if net.get("network_weights"):
-            tensors, _ = load_lora_file(net["network_weights"])
+            tensors, _ = read_lora_file(net["network_weights"])
             for network in self.networks.values():
                 network.load_lora_state_dict(tensors, source=f"network.network_weights={net['network_weights']}")
         for network in self._expert_networks.values():

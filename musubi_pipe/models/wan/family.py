@@ -21,7 +21,7 @@ from musubi_pipe.models.base import Expert, Geometry, TrainingInputs
 from musubi_pipe.models.wan import clip as clip_files
 from musubi_pipe.models.wan import t5 as t5_files
 from musubi_pipe.models.wan.locate import check_dit, check_vae, locate_dit, locate_vae
-from musubi_pipe.models.wan.names import official_module_name
+from musubi_pipe.models.wan.names import LORA_NAMING, official_module_name
 from musubi_pipe.models.wan.tasks import WanTask, get_task
 
 TINY_VERSION = 4  # bump when tiny.py changes what it writes
@@ -58,6 +58,7 @@ class WanFamily:
     name = "wan"
     modelspec_arch = "wan2.1"  # musubi writes wan2.1 for Wan2.2 too
     text_dtype_key = "t5_dtype"
+    lora_naming = LORA_NAMING
     # model.* keys of this family beyond the common ones (config/schema.py), with their types
     model_keys = {
         "dit_high_noise": "str?",  # Wan2.2 A14B: the high-noise expert (model.dit is the low-noise one)
@@ -92,10 +93,16 @@ class WanFamily:
             "shift": task.shift,
             "guidance_scale": task.guidance_scale,
             "guidance_scale_high": task.guidance_scale_high if task.guidance_scale_high is not None else task.guidance_scale,
+            "negative_prompt": "",
             "fps": task.fps,
         }
 
     # -- config checks and cache identities ---------------------------------------------------
+    supports_loraid = True
+
+    def check_stages(self, model_cfg: dict, stages) -> list[tuple[str, str]]:
+        return []  # every Wan task trains and samples
+
     def uses_controls(self, model_cfg: dict) -> bool:
         # Fun-Control and one-frame training (the Wan tasks that take control media) are not built yet
         return False

@@ -49,3 +49,45 @@ def diffusers_module_name(official_name: str) -> str | None:
         if m:
             return template.format(m.group(1))
     return None
+
+
+# -- how LoRA files spell Wan modules (models.base.LoraNaming) -------------------------------------------
+# Official block-linear sub-paths by their underscored spelling (`self_attn_q` -> `self_attn.q`).
+BLOCK_SUBPATHS = {o.split("{}.", 1)[1].replace(".", "_"): o.split("{}.", 1)[1] for _, o in BLOCK_LINEARS}
+_UNDERSCORED_BLOCK = re.compile(r"^blocks_(\d+)_(.+)$")
+# Official Wan linears outside the blocks (lora-formats.md 2.1), for reading their underscored musubi names.
+OTHER_LINEARS = ("text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
+                 "time_projection.1", "head.head", "img_emb.proj.1", "img_emb.proj.3")
+_OTHER_BY_UNDERSCORED = {name.replace(".", "_"): name for name in OTHER_LINEARS}
+
+
+class WanLoraNaming:
+    arch = "wan"
+    save_formats = ("musubi", "comfy", "official", "diffusers")
+    default_save_format = "musubi"
+    description = (f"Wan linears (blocks_N_{{{','.join(BLOCK_SUBPATHS)}}} or {', '.join(_OTHER_BY_UNDERSCORED)})")
+
+    def claims(self, names) -> bool:
+        return any(n.startswith("blocks") for n in names)
+
+    def official_from_underscored(self, written: str) -> str | None:
+        m = _UNDERSCORED_BLOCK.match(written)
+        if m and m.group(2) in BLOCK_SUBPATHS:
+            return f"blocks.{m.group(1)}.{BLOCK_SUBPATHS[m.group(2)]}"
+        return _OTHER_BY_UNDERSCORED.get(written)
+
+    def official_from_diffusers(self, name: str) -> str | None:
+        return official_module_name(name) if diffusers_module_name(name) is None else None
+
+    def diffusers_file_name(self, official: str) -> str | None:
+        return diffusers_module_name(official)
+
+    def diffusers_problems(self, modules) -> list[str]:
+        strays = sorted(m for m in modules if diffusers_module_name(m) is None)
+        if strays:
+            return [f"modules {', '.join(strays[:5])} have no diffusers name (models/wan/names.py maps the block "
+                    "linears only). Convert to comfy instead: diffusers loads that too"]
+        return []
+
+
+LORA_NAMING = WanLoraNaming()
