@@ -8,8 +8,12 @@ its update for part i is the rows of up that part owns. `FusedLinear` presents t
 Linear, so adapters (network.lora.AdapterModule) train and save exactly the official module's LoRA.
 
     qkv = FusedLinear([attn.to_q, attn.to_k, attn.to_v])   # in_features, out_features, weight (concatenated)
+    linear1 = FusedLinear([attn.to_q, attn.to_k, attn.to_v, proj_mlp], groups=[(0, 1, 2), (3,)])
 
 It is not part of the model's module tree: the model keeps calling its parts, which the adapter hooks.
+`groups` lists the parts that receive the very same input tensor (the adapter computes its update once
+per group); diffusers' single blocks feed proj_mlp the normed states and to_q/k/v a concatenation of
+slices of them (equal values, another tensor), hence two groups there.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 class FusedLinear(nn.Module):
     """Several nn.Linear taking the same input, seen as one Linear whose output rows are theirs in order."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, groups=None):
         super().__init__()
         parts = list(parts)
         if not parts or not all(isinstance(p, nn.Linear) for p in parts):
@@ -32,6 +36,17 @@ class FusedLinear(nn.Module):
         object.__setattr__(self, "parts", parts)
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
+        self.groups = [tuple(g) for g in (groups or [range(len(parts))])]
+        if [i for g in self.groups for i in g] != list(range(len(parts))):
+            raise ValueError(f"groups {self.groups} must list the parts 0..{len(parts) - 1} once, in order")
+
+    def group_of(self, index: int) -> tuple[int, tuple[int, int]]:
+        """(the group of part `index`, the output rows that group spans)."""
+        ranges = self.row_ranges()
+        for number, group in enumerate(self.groups):
+            if index in group:
+                return number, (ranges[group[0]][0], ranges[group[-1]][1])
+        raise IndexError(index)
 
     def row_ranges(self) -> list[tuple[int, int]]:
         """(first, end) output rows of each part within the fused output."""

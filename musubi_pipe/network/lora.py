@@ -18,6 +18,7 @@ Dropouts (musubi-tuner semantics, only in training mode, drawn from torch's glob
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -83,9 +84,10 @@ class AdapterModule(nn.Module):
     it), and set KIND (the network_module name) and SUFFIXES (the state-dict key suffixes, for messages).
 
     The target may be a `FusedLinear` (network.fused): one official module that the model holds as several
-    Linears fed the same input. Each part's forward is hooked and adds its rows of the update; the update is
-    computed once per input (the first part called computes it, with its dropout draws, and the others reuse
-    it), so training, dropouts and saved weights are exactly those of the fused official module.
+    Linears fed the same input. Each part's forward is hooked and adds its rows of the update, so the saved
+    weights are exactly the fused official module's. The update of a group of parts that get the same input
+    tensor is computed once (by the first part called, with its dropout draws; the others reuse it, matched
+    by the input's identity through a weak reference, so nothing is kept alive): one draw per group.
     """
 
     KIND: ClassVar[str] = ""
@@ -123,7 +125,7 @@ class AdapterModule(nn.Module):
         self._had_instance_forward = False
         # fused targets: per part (original forward, whether it was an instance attribute)
         self._part_forwards: list[tuple] = []
-        self._shared: tuple | None = None  # (input, update, parts still to use it)
+        self._shared: dict[int, tuple] = {}  # group -> (weakref to input, update, parts still to use it)
 
     # -- alpha and scale ------------------------------------------------------------------------
     def _init_alpha(self, alpha: float | None) -> None:
@@ -169,7 +171,7 @@ class AdapterModule(nn.Module):
         if self.fused:
             for part, (forward, had_instance) in zip(self.org_module.parts, self._part_forwards):
                 _restore_forward(part, forward, had_instance)
-            self._part_forwards, self._shared = [], None
+            self._part_forwards, self._shared = [], {}
             return
         _restore_forward(self.org_module, self._org_forward, self._had_instance_forward)
         self._org_forward = None
@@ -178,8 +180,9 @@ class AdapterModule(nn.Module):
         """The base module's own output (also when this module is called without being applied)."""
         return self._org_forward(x) if self._org_forward is not None else type(self.org_module).forward(self.org_module, x)
 
-    def _update(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-        """(the adapter's output for x, the scale to apply), or None when module dropout skips it this forward."""
+    def _update(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, float] | None:
+        """(the adapter's output for x, its output rows `rows` (first, end) only when given, and the scale to
+        apply), or None when module dropout skips it this forward."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,21 +197,26 @@ class AdapterModule(nn.Module):
         part = self.org_module.parts[index]
         forward = self._part_forwards[index][0] if self._part_forwards else part.forward
         org = forward(x)
-        update = self._shared_update(x)
+        group, rows = self.org_module.group_of(index)
+        update = self._group_update(group, rows, x)
         if update is None:
             return org
         first, end = self.org_module.row_ranges()[index]
-        return self._add_delta(org, update[0][..., first:end], update[1])
+        return self._add_delta(org, update[0][..., first - rows[0]:end - rows[0]], update[1])
 
-    def _shared_update(self, x: torch.Tensor):
-        """The update for x, computed by the first part that sees x and reused by the others (identity of x,
-        which the cache holds, so a freed tensor's memory cannot pass for it)."""
-        if self._shared is not None and self._shared[0] is x:
-            _, update, left = self._shared
+    def _group_update(self, group: int, rows: tuple[int, int], x: torch.Tensor):
+        """The update of a group's rows for x: computed by the group's first part that sees x, reused by the
+        others. x is matched by identity through a weak reference: a freed tensor cannot pass for it."""
+        cached = self._shared.get(group)
+        if cached is not None and cached[0]() is x:
+            _, update, left = cached
         else:
-            update, left = self._update(x), len(self.org_module.parts)
+            update, left = self._update(x, rows), len(self.org_module.groups[group])
         left -= 1
-        self._shared = (x, update, left) if left > 0 else None
+        if left > 0:
+            self._shared[group] = (weakref.ref(x), update, left)
+        else:
+            self._shared.pop(group, None)
         return update
 
     # -- dropout ----------------------------------------------------------------------------------
@@ -274,7 +282,7 @@ class LoRAModule(AdapterModule):
         down = self.lora_down.weight.detach().float()
         return (up @ down) * self.scale
 
-    def _update(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    def _update(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, float] | None:
         if self._module_dropped():
             return None
         lx = self.lora_down(x.to(self.lora_down.weight.dtype))
@@ -284,7 +292,8 @@ class LoRAModule(AdapterModule):
         if self.training and self.rank_dropout:
             lx = lx * _rank_mask(lx, self.rank_dropout)
             scale = scale / (1.0 - self.rank_dropout)
-        return self.lora_up(lx), scale
+        up = self.lora_up(lx) if rows is None else F.linear(lx, self.lora_up.weight[rows[0]:rows[1]])
+        return up, scale
 
 
 def _restore_forward(module: nn.Module, forward, had_instance_forward: bool) -> None:

@@ -103,14 +103,14 @@ class LoHaModule(AdapterModule):
         w2 = self.hada_w2_a.detach().float() @ self.hada_w2_b.detach().float()
         return w1 * w2 * self.scale
 
-    def _update(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    def _update(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, float] | None:
         if self._module_dropped():
             return None
         lx = x.to(self.hada_w1_a.dtype)
         if self.training and self.dropout:
             lx = F.dropout(lx, p=self.dropout)
         weight, scale = self._weight(self.training)
-        return F.linear(lx, weight), scale
+        return F.linear(lx, weight if rows is None else weight[rows[0]:rows[1]]), scale
 
 
 class LoKrModule(AdapterModule):
@@ -169,13 +169,14 @@ class LoKrModule(AdapterModule):
         """The float32 update scale·kron(W1, W2) (multiplier not applied)."""
         return torch.kron(self.lokr_w1.detach().float(), self._w2(detach=True)) * self.scale
 
-    def _update(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    def _update(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, float] | None:
         if self._module_dropped():
             return None
         lx = x.to(self.lokr_w1.dtype)
         if self.training and self.dropout:
             lx = F.dropout(lx, p=self.dropout)
-        return F.linear(lx, torch.kron(self.lokr_w1, self._w2())), self.scale
+        weight = torch.kron(self.lokr_w1, self._w2())
+        return F.linear(lx, weight if rows is None else weight[rows[0]:rows[1]]), self.scale
 
 
 class LoHaNetwork(LoRANetwork):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from musubi_pipe.errors import ConfigError
 from musubi_pipe.models.base import Expert, Geometry, TrainingInputs
-from musubi_pipe.models.hunyuan_video.names import LORA_NAMING, block_linears
+from musubi_pipe.models.hunyuan_video.names import LORA_NAMING, block_linears, input_groups
 from musubi_pipe.models.hunyuan_video.tasks import HunyuanTask, get_task
 
 TINY_VERSION = 1  # bump when tiny.py or tiny_text.py change what they write
@@ -172,7 +172,7 @@ class HunyuanVideoFamily:
         linears = block_linears(len(dit.transformer_blocks), len(dit.single_transformer_blocks))
         for official, parts in linears.items():
             found = [modules[p] for p in parts]
-            targets[official] = found[0] if len(found) == 1 else FusedLinear(found)
+            targets[official] = found[0] if len(found) == 1 else FusedLinear(found, input_groups(official))
         return targets
 
     # -- training and sampling ----------------------------------------------------------------

@@ -31,6 +31,9 @@ SINGLE_LINEARS: dict[str, tuple[str, ...]] = {
     "linear2": ("proj_out",),
     "modulation.linear": ("norm.linear",),
 }
+# parts of a fused module that diffusers feeds the very same input tensor (network.fused.FusedLinear groups):
+# a single block gives proj_mlp the normed states and to_q/k/v a concatenation of their slices
+INPUT_GROUPS = {"linear1": ((0, 1, 2), (3,))}
 BLOCK_KINDS = {  # official block list -> (diffusers block list, its linears)
     "double_blocks": ("transformer_blocks", DOUBLE_LINEARS),
     "single_blocks": ("single_transformer_blocks", SINGLE_LINEARS),
@@ -55,6 +58,11 @@ def diffusers_parts(official: str) -> tuple[str, ...] | None:
     diffusers_kind, linears = BLOCK_KINDS[m.group(1)]
     parts = linears.get(m.group(3))
     return None if parts is None else tuple(f"{diffusers_kind}.{m.group(2)}.{p}" for p in parts)
+
+
+def input_groups(official: str):
+    """The FusedLinear groups of an official fused module (None: all its parts get the same tensor)."""
+    return INPUT_GROUPS.get(official.rsplit(".", 1)[-1])
 
 
 def block_linears(num_double: int, num_single: int) -> dict[str, tuple[str, ...]]:
