@@ -41,6 +41,8 @@ RECIPE_REQUIRED = {
     "wan22_t2v": {"model.dit", "model.dit_high_noise", "model.vae", "model.t5", "model.t5_tokenizer", "dataset.datasets"},
     "wan22_i2v": {"model.dit", "model.dit_high_noise", "model.vae", "model.t5", "model.t5_tokenizer", "dataset.datasets"},
     "wan22_ti2v_5b": {"model.dit", "model.vae", "model.t5", "model.t5_tokenizer", "dataset.datasets"},
+    "hunyuan_video_t2v": {"model.dit", "model.vae", "model.text_encoder1", "model.text_encoder2", "dataset.datasets"},
+    "hunyuan_video_tiny": set(),
 }
 
 

@@ -191,7 +191,7 @@ def foreign_files(network: LoRANetwork) -> dict[str, tuple[str, dict]]:
     for key, value in sd.items():
         fun[key.replace("lora_unet_", "lora_unet__", 1)] = value
     return {"diffusion-pipe": ("comfy", pipe), "ai-toolkit": ("ai-toolkit", toolkit),
-            "ai-toolkit transformer.": ("ai-toolkit", toolkit_t), "comfy lora_down": ("comfy", kohya_comfy),
+            "ai-toolkit transformer.": ("ai-toolkit", toolkit_t), "comfy lora_down": ("official", kohya_comfy),
             "wan-fun": ("wan-fun", fun)}
 
 

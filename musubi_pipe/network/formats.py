@@ -93,7 +93,8 @@ FORMATS: dict[str, Layout] = {
 SOURCE_FORMATS: dict[tuple[str, str], str] = {
     ("lora_unet__", "official"): "wan-fun",
     ("lora_unet_", "official"): "musubi",
-    ("diffusion_model.", "official"): "comfy",  # also diffusion-pipe and musubi-tuner --target other
+    ("diffusion_model.", "official"): "comfy",  # also diffusion-pipe, musubi-tuner --target other; "official"
+    # when spelt with lora_down/lora_up
     ("diffusion_model.", "diffusers"): "ai-toolkit",
     ("transformer.", "diffusers"): "diffusers",  # "ai-toolkit" when it has .alpha keys
     ("transformer.", "official"): "musubi-other",  # musubi-tuner --target other --diffusers_prefix transformer
@@ -293,6 +294,8 @@ def read_lora(
     source_format = SOURCE_FORMATS[(prefix, naming)]
     if source_format == "diffusers" and has_alpha:
         source_format = "ai-toolkit"
+    if source_format == "comfy" and any(k.endswith(".lora_down.weight") for k in tensors):
+        source_format = "official"  # diffusion_model.<official> with lora_down/lora_up (+ alpha)
     canonical = {}
     for module, roles in modules.items():
         kind = _kind_of(module, roles, source)

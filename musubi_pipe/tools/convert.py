@@ -1,6 +1,6 @@
-"""convert: rewrite a Wan LoRA file in the key layout another tool loads (musubi, comfy, diffusers).
+"""convert: rewrite a LoRA file (Wan, HunyuanVideo) in the key layout another tool loads.
 
-    python -m musubi_pipe.tools convert INPUT OUTPUT --to {musubi,comfy,diffusers}
+    python -m musubi_pipe.tools convert INPUT OUTPUT --to {musubi,comfy,official,diffusers}
                                         [--dtype float32|bfloat16|float16]
 
 For whoever trained a LoRA here (musubi layout) and loads it elsewhere, or brings a LoRA from another
@@ -9,12 +9,16 @@ format it detected, the target and the module count.
 
 Targets (--to):
   musubi     lora_unet_<module>.lora_down/lora_up.weight + .alpha. This project, musubi-tuner and
-             ComfyUI load it; diffusers only when every block has all its linears.
+             ComfyUI load it (HunyuanVideo: ComfyUI misses the MLP/modulation names); diffusers (Wan)
+             only when every block has all its linears.
+  official   diffusion_model.<module>.lora_down/lora_up.weight + .alpha: ComfyUI and musubi-tuner
+             (HunyuanVideo's default).
   comfy      diffusion_model.<module>.lora_A/lora_B.weight, alpha baked in (musubi-tuner's
              convert_lora.py --target other). ComfyUI and diffusers both load it, also a LoRA on
              a subset of the modules. LoHa/LoKr keep hada_*/lokr_* + .alpha: ComfyUI only.
-  diffusers  transformer.<diffusers module>.lora_A/lora_B.weight (PEFT), alpha baked in. diffusers
-             only (load_lora_weights); block linears and plain LoRA only.
+  diffusers  transformer.<module>.lora_A/lora_B.weight (PEFT), alpha baked in, for diffusers'
+             load_lora_weights: Wan diffusers module names (block linears), HunyuanVideo official
+             names with an img_attn_qkv module; plain LoRA only.
 
 Inputs (detected from the keys): musubi/musubi-tuner/sd-scripts files, Wan-Fun (lora_unet__...),
 ComfyUI and diffusion-pipe (diffusion_model.<module>.lora_A/B or lora_down/lora_up), ai-toolkit

@@ -107,11 +107,15 @@ class HunyuanVideoFamily:
 
     def check_stages(self, model_cfg: dict, stages) -> list[tuple[str, str]]:
         task = get_task(model_cfg.get("task"))
-        trains = [s for s in stages if s in ("cache_latents", "train")]
-        if trains and not task.trainable:
-            return [("pipeline.stages", f"model.task={task.name} is inference only (as in musubi-tuner): use "
-                     "pipeline.stages=[generate], or train model.task=t2v")]
-        return []
+        problems = []
+        if any(s in ("cache_latents", "train") for s in stages) and not task.trainable:
+            problems.append(("pipeline.stages", f"model.task={task.name} is inference only (as in musubi-tuner): "
+                             "use pipeline.stages=[generate], or train model.task=t2v"))
+        if "merge" in stages:
+            problems.append(("pipeline.stages", "merging a LoRA into a HunyuanVideo DiT file is not built yet (the "
+                             "merge stage and tool read Wan DiTs); drop merge and load the LoRA file instead "
+                             "(sampling.loras, ComfyUI, musubi-tuner)"))
+        return problems
 
     def weight_files(self, model_cfg: dict, part: str, expert: str = "") -> list[Path]:
         from musubi_pipe.models.hunyuan_video import locate, text
