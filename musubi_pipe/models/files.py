@@ -74,6 +74,17 @@ def state_dict_file(path: Path, key: str, hint: str) -> Path:
     return path
 
 
+def read_config(folder: Path, key: str) -> dict:
+    """Return `folder/config.json` as a dict ({} when there is none); ConfigError on `key` if it is not JSON."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError([(key, f"{path} is not readable JSON ({e}); re-download it")]) from e
+
+
 def safetensors_header(path: Path) -> dict:
     """Return the JSON header of a .safetensors file: {name: {"dtype", "shape", ...}, "__metadata__": ...}."""
     with open(path, "rb") as f:

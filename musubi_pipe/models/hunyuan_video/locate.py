@@ -21,7 +21,8 @@ from musubi_pipe.errors import ConfigError
 from musubi_pipe.models.files import Source, existing, folder_files, shard_set, state_dict_file, subfolder
 from musubi_pipe.models.hunyuan_video.keymap import strip_dit_wrappers, vae_to_diffusers
 from musubi_pipe.models.statedict import header_shapes
-from musubi_pipe.models.wan.locate import read_config, reject_fp8_scaled
+from musubi_pipe.models.files import read_config
+from musubi_pipe.models.wan.locate import reject_fp8_scaled
 
 DIT_HINT = (
     "a HunyuanVideo DiT: mp_rank_00_model_states.pt (or the hunyuan-video-t2v-720p folder), a bf16/fp8_e4m3fn "

@@ -41,7 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from musubi_pipe.errors import ConfigError
-from musubi_pipe.models.files import UNSET, Source, existing, folder_files, safetensors_shapes, subfolder
+from musubi_pipe.models.files import (
+    UNSET,
+    Source,
+    existing,
+    folder_files,
+    read_config,
+    safetensors_shapes,
+    subfolder,
+)
 from musubi_pipe.models.statedict import assign_state, cast_state, empty_model, read_state_dict, state_shapes
 
 PROMPT_TEMPLATE = (
@@ -126,16 +134,6 @@ def _folder_kind(config: dict) -> str | None:
     return {"llama": "llm", "clip": "clip", "clip_text_model": "clip", "llava": "llava"}.get(model_type)
 
 
-def _read_config(folder: Path, key: str) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError([(key, f"{path} is not readable JSON ({e}); re-download it")]) from e
-
-
 # -- configs from shapes ------------------------------------------------------------------------------
 def llm_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     """LlamaConfig arguments for LlamaModel tensors {key: shape} (module doc: the head_dim rule)."""
@@ -190,7 +188,7 @@ def _locate(value, key: str, encoder: _Encoder) -> Source:
     path = existing(value, key, encoder.hint)
     if path.is_dir():
         folder = subfolder(path, encoder.pipeline_part)
-        found = _folder_kind(_read_config(folder, key))
+        found = _folder_kind(read_config(folder, key))
         if found == encoder.kind:
             return Source("pretrained", folder, folder_files(folder))
         if found == "llava":

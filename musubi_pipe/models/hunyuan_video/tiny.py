@@ -27,16 +27,17 @@ rewritten, and each file is written under a temporary name and renamed into plac
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 from safetensors.torch import save
 
+from musubi_pipe.models.tiny_files import json_bytes
+from musubi_pipe.models.tiny_files import save_pretrained_files as _save_pretrained
+from musubi_pipe.models.tiny_files import seeded as _seeded
+from musubi_pipe.models.tiny_files import torch_bytes as _torch_save
+from musubi_pipe.models.tiny_files import write_file as _write
 from musubi_pipe.models.hunyuan_video.keymap import dit_to_official, vae_to_official
 from musubi_pipe.models.hunyuan_video.loading import SCALING_FACTOR, rope_axes_dim
 
@@ -91,13 +92,6 @@ OFFICIAL_ROOT = "hunyuan-video-t2v-720p-tiny"
 DIFFUSERS_ROOT = "HunyuanVideo-tiny-diffusers"
 
 
-def _seeded(seed: int, build):
-    # a private RNG stream: the same weights every call, and the caller's RNG state is left alone
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 def tiny_dit(variant: str = "official") -> HunyuanVideoTransformer3DModel:
     """The tiny DiT of `variant` in bf16, with diffusers' default (random, non-zero) initialisation."""
     if variant not in _DIT_MODELS:
@@ -114,32 +108,6 @@ def tiny_vae() -> AutoencoderKLHunyuanVideo:
 
 
 # --- writing --------------------------------------------------------------------------------------
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically, unless the file already holds exactly these bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _torch_save(obj) -> bytes:
-    """`torch.save` bytes (to a buffer: the archive name inside would otherwise follow the file name)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def _save_pretrained(model, folder: Path) -> None:
-    """`model.save_pretrained` into a scratch folder, then move each file into `folder` via `_write`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
-        model.save_pretrained(scratch)
-        for f in sorted(Path(scratch).iterdir()):
-            _write(folder / f.name, f.read_bytes())
 
 
 def _official_state(variant: str) -> dict:
@@ -180,7 +148,7 @@ def write_tiny_vae(root, variant: str = "official") -> Path:
         folder = root / OFFICIAL_ROOT / "vae"
         path = folder / "pytorch_model.pt"
         _write(path, _torch_save({k: v.contiguous() for k, v in vae_to_official(tiny_vae().state_dict()).items()}))
-        _write(folder / "config.json", (json.dumps(_OFFICIAL_VAE_CONFIG, indent=2, sort_keys=True) + "\n").encode())
+        _write(folder / "config.json", json_bytes(_OFFICIAL_VAE_CONFIG))
         return path
     if variant == "diffusers":
         path = root / DIFFUSERS_ROOT / "vae"

@@ -47,7 +47,9 @@ from musubi_pipe.models.hunyuan_video.text import (
     TINY_CLIP_HEAD_DIM,
     TINY_LLM_HEAD_DIM,
 )
-from musubi_pipe.models.wan.tiny import _save_pretrained, _seeded, _write
+from musubi_pipe.models.tiny_files import save_pretrained_files as _save_pretrained
+from musubi_pipe.models.tiny_files import seeded as _seeded
+from musubi_pipe.models.tiny_files import write_file as _write
 
 TINY_LLM_DIM = 32
 TINY_CLIP_DIM = 24

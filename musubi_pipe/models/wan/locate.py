@@ -19,13 +19,20 @@ Wan2.2 A14B has two DiT experts. `expert` picks one inside a downloaded folder:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from musubi_pipe.errors import ConfigError
-from musubi_pipe.models.files import Source, existing, folder_files, shard_set, state_dict_file, subfolder
+from musubi_pipe.models.files import (
+    Source,
+    existing,
+    folder_files,
+    read_config,
+    shard_set,
+    state_dict_file,
+    subfolder,
+)
 from musubi_pipe.models.statedict import header_shapes
 from musubi_pipe.models.wan.tasks import TASKS, WanTask
 
@@ -132,17 +139,6 @@ def locate_vae(value, key: str = "model.vae") -> Source:
             return Source("official", official[0], (official[0],))
         raise ConfigError([(key, f"{folder} has no config.json; set {key}=<{_VAE_HINT}>")])
     return Source("pretrained", folder, folder_files(folder))
-
-
-def read_config(folder: Path, key: str) -> dict:
-    """Return `folder/config.json` as a dict ({} when there is none); ConfigError on `key` if it is not JSON."""
-    path = folder / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError([(key, f"{path} is not readable JSON ({e}); re-download it")]) from e
 
 
 def check_source(source: Source, task: WanTask, key: str, from_config, from_shapes, check,

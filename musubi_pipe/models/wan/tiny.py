@@ -26,11 +26,7 @@ leaves half a file. Files shared by several tasks are written once under `root`.
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import string
-import tempfile
 from pathlib import Path
 
 import torch
@@ -38,8 +34,12 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from safetensors.torch import save
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
-from transformers.utils import logging as hf_logging
 
+from musubi_pipe.models.tiny_files import json_bytes as _json
+from musubi_pipe.models.tiny_files import torch_bytes
+from musubi_pipe.models.tiny_files import save_pretrained_files as _save_pretrained
+from musubi_pipe.models.tiny_files import seeded as _seeded
+from musubi_pipe.models.tiny_files import write_file as _write
 from musubi_pipe.models.wan import clip as clip_files
 from musubi_pipe.models.wan import t5 as t5_files
 from musubi_pipe.models.wan.keymap import OFFICIAL_PREFIXES, dit_to_official, vae_to_official
@@ -105,13 +105,6 @@ def _tokenizer() -> T5TokenizerFast:
 # --- seeded models --------------------------------------------------------------------------------
 
 
-def _seeded(seed: int, build):
-    # a private RNG stream: same weights every call, and the caller's RNG state is left alone
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 def _dit(task: WanTask, expert: str = "") -> WanTransformer3DModel:
     """The tiny DiT of `task` (`expert` of an A14B task).
 
@@ -149,42 +142,8 @@ def _clip_state(task: WanTask) -> dict:
 
 
 # --- writing --------------------------------------------------------------------------------------
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically, unless the file already holds exactly these bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _pth(state: dict) -> bytes:
-    """`torch.save` bytes of `state` (to a buffer: the archive name inside would otherwise follow the file name)."""
-    buffer = io.BytesIO()
-    torch.save({k: v.contiguous() for k, v in state.items()}, buffer)
-    return buffer.getvalue()
-
-
-def _json(data: dict) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _save_pretrained(obj, folder: Path) -> None:
-    """`obj.save_pretrained` into a scratch folder, then move each file into `folder` via `_write`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers shows one for a single tiny shard
-    try:
-        with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
-            obj.save_pretrained(scratch)
-            for f in sorted(Path(scratch).iterdir()):
-                _write(folder / f.name, f.read_bytes())
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    return torch_bytes({k: v.contiguous() for k, v in state.items()})
 
 
 def _official_dit(task: WanTask, expert: str = "") -> dict:
