@@ -69,9 +69,8 @@ def check_training_settings(cfg: dict) -> list[tuple[str, str]]:
 
 def _check_loraid(cfg: dict) -> list[tuple[str, str]]:
     """LORAID settings: capacity for the model, and no other way of choosing modules beside them."""
-    from musubi_pipe.network.loraid import check_loraid_settings
-
     from musubi_pipe.models import get_family
+    from musubi_pipe.network.loraid import check_loraid_settings
 
     net = cfg["network"]
     if net.get("loraid") is None:

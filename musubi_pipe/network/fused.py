@@ -39,22 +39,21 @@ class FusedLinear(nn.Module):
         self.groups = [tuple(g) for g in (groups or [range(len(parts))])]
         if [i for g in self.groups for i in g] != list(range(len(parts))):
             raise ValueError(f"groups {self.groups} must list the parts 0..{len(parts) - 1} once, in order")
+        # fixed by the parts' shapes: worked out once here, not on every forward
+        self._ranges, start = [], 0
+        for part in parts:
+            self._ranges.append((start, start + part.out_features))
+            start += part.out_features
+        self._group_of = {i: (number, (self._ranges[g[0]][0], self._ranges[g[-1]][1]))
+                          for number, g in enumerate(self.groups) for i in g}
 
     def group_of(self, index: int) -> tuple[int, tuple[int, int]]:
         """(the group of part `index`, the output rows that group spans)."""
-        ranges = self.row_ranges()
-        for number, group in enumerate(self.groups):
-            if index in group:
-                return number, (ranges[group[0]][0], ranges[group[-1]][1])
-        raise IndexError(index)
+        return self._group_of[index]
 
     def row_ranges(self) -> list[tuple[int, int]]:
         """(first, end) output rows of each part within the fused output."""
-        ranges, start = [], 0
-        for part in self.parts:
-            ranges.append((start, start + part.out_features))
-            start += part.out_features
-        return ranges
+        return list(self._ranges)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -108,7 +108,7 @@ class AdapterModule(nn.Module):
         super().__init__()
         if not isinstance(org_module, (nn.Linear, FusedLinear)):
             title = KIND_TITLES.get(self.KIND, "adapter")
-            raise TypeError(f"{name}: {title} targets must be nn.Linear, got {type(org_module).__name__}")
+            raise TypeError(f"{name}: {title} targets must be nn.Linear or FusedLinear, got {type(org_module).__name__}")
         if lora_dim <= 0:
             raise ValueError(f"{name}: network_dim must be positive, got {lora_dim}")
         self.lora_name = name
@@ -201,7 +201,7 @@ class AdapterModule(nn.Module):
         update = self._group_update(group, rows, x)
         if update is None:
             return org
-        first, end = self.org_module.row_ranges()[index]
+        first, end = self.org_module._ranges[index]
         return self._add_delta(org, update[0][..., first - rows[0]:end - rows[0]], update[1])
 
     def _group_update(self, group: int, rows: tuple[int, int], x: torch.Tensor):

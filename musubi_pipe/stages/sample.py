@@ -119,17 +119,23 @@ def conditioning_media(job: Job, prompts: list[dict]) -> dict:
     return media
 
 
-def _load_image(path: str, width: int, height: int):
-    """An image as pixels [1, 3, 1, H, W] in [-1, 1], cover-resized and centre-cropped to width x height."""
+def _pixels(frames, width: int, height: int):
+    """uint8 frames [F, H', W', 3] as pixels [1, 3, F, H, W] in [-1, 1], cover-resized and centre-cropped to
+    width x height."""
     import numpy as np
     import torch
 
     from musubi_pipe.data.buckets import resize_to_bucket
+
+    clip = resize_to_bucket(frames, (width, height))
+    return (torch.from_numpy(np.array(clip)).permute(3, 0, 1, 2).float() / 127.5 - 1.0)[None]
+
+
+def _load_image(path: str, width: int, height: int):
+    """An image as pixels [1, 3, 1, H, W] in [-1, 1], cover-resized and centre-cropped to width x height."""
     from musubi_pipe.data.media import load_image
 
-    frames = resize_to_bucket(load_image(path)[None], (width, height))
-    pixels = torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
-    return pixels[None]
+    return _pixels(load_image(path)[None], width, height)
 
 
 def run(ctx: StageContext) -> dict:
@@ -170,7 +176,10 @@ def run(ctx: StageContext) -> dict:
 
 def prompt_conditions(family, model, prompts: list[dict], device, vae_dtype) -> list[dict]:
     """Each prompt's conditioning: the start image's (image-to-video tasks), the video's clean latents
-    ("init_latents", video-to-video) and its embedded guidance; {} for a plain prompt."""
+    ("init_latents", video-to-video) and its embedded guidance; {} for a plain prompt.
+
+    The image is encoded with the random generators seeded from the prompt's seed: a task whose
+    conditioning draws from the VAE posterior (SkyReels V1 I2V) gets the same sample on every run."""
     import torch
 
     conds = [{} for _ in prompts]
@@ -179,7 +188,10 @@ def prompt_conditions(family, model, prompts: list[dict], device, vae_dtype) -> 
         for cond, p in zip(conds, prompts):
             if p["image"]:
                 pixels = _load_image(p["image"], p["width"], p["height"]).to(device, vae_dtype)
-                cond.update({k: v.cpu() for k, v in vae.encode_condition(pixels, p["frames"]).items()})
+                with torch.random.fork_rng(devices=[device] if str(device).startswith("cuda") else []):
+                    torch.manual_seed(p["seed"])
+                    encoded = vae.encode_condition(pixels, p["frames"])
+                cond.update({k: v.cpu() for k, v in encoded.items()})
             if p.get("video"):
                 pixels = _load_video(p["video"], p["frames"], p["width"], p["height"]).to(device, vae_dtype)
                 with torch.no_grad():
@@ -194,14 +206,9 @@ def prompt_conditions(family, model, prompts: list[dict], device, vae_dtype) -> 
 def _load_video(path: str, frames: int, width: int, height: int):
     """The first `frames` frames of a video file or frame folder as pixels [1, 3, F, H, W] in [-1, 1],
     cover-resized and centre-cropped to width x height (a shorter video is an error naming it)."""
-    import numpy as np
-    import torch
-
-    from musubi_pipe.data.buckets import resize_to_bucket
     from musubi_pipe.data.media import load_video_frames
 
-    clip = resize_to_bucket(load_video_frames(path, 0, frames), (width, height))
-    return (torch.from_numpy(np.array(clip)).permute(3, 0, 1, 2).float() / 127.5 - 1.0)[None]
+    return _pixels(load_video_frames(path, 0, frames), width, height)
 
 
 def render(family, experts, dits, geometry, prompts: list[dict], conds: list[dict], embedding, device, progress):
