@@ -13,6 +13,7 @@ import difflib
 from omegaconf import MISSING
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("sdpa", "flash", "flash3", "sage", "xformers")  # memory.settings.ATTENTION_BACKENDS
 
 SCHEMA: dict[str, dict] = {
     "name": "str",
@@ -45,7 +46,24 @@ SCHEMA: dict[str, dict] = {
         "num_slices": "int",
         "demo_dir": "str?",
     },
-    "memory": {"gradient_checkpointing": "bool", "attention": ("sdpa",), "offload_inactive_dit": "bool"},
+    "memory": {  # musubi_pipe/memory/settings.py explains and checks these
+        "fp8_base": "bool",
+        "fp8_scaled": "bool",
+        "fp8_t5": "bool",
+        "fp8_llm": "bool",
+        "blocks_to_swap": "any",  # a number, or a table by model size
+        "pin_memory": "bool",
+        "gradient_checkpointing": "bool",
+        "gradient_checkpointing_cpu_offload": "bool",
+        "attention": ATTENTION,
+        "sampling_attention": ATTENTION + (None,),
+        "split_attn": "bool",
+        "compile": "bool",
+        "compile_backend": "str",
+        "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        "compile_dynamic": "bool?",
+        "offload_inactive_dit": "bool",
+    },
     "optimizer": {
         "optimizer_type": "str",  # checked by training.optimizers (musubi-tuner spellings accepted)
         "lr": "float",

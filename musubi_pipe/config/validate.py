@@ -125,6 +125,7 @@ def validate(cfg: dict) -> None:
     if problems:
         raise ConfigError(problems)
     prepare_embedded(cfg)
+    from musubi_pipe.memory.settings import memory_problems
     from musubi_pipe.models import get_family
     from musubi_pipe.stages.sample import check_embedded_guidance, check_prompts
 
@@ -135,6 +136,7 @@ def validate(cfg: dict) -> None:
     stages = cfg["pipeline"]["stages"]
     problems = _check_experts(cfg, family) + _check_dataset_features(cfg["dataset"])
     problems += family.check_stages(cfg["model"], stages) + _check_save_format(cfg, family)
+    problems += memory_problems(cfg, family)
     problems += check_embedded_guidance(cfg["sampling"], family.sampling_defaults(cfg["model"]))
     if "sample" in stages or ("generate" in stages and not cfg["sampling"].get("latents")):
         problems += check_prompts(cfg["sampling"], family.geometry(cfg["model"]), family.sample_image(cfg["model"]))

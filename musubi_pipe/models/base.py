@@ -137,6 +137,9 @@ class Family(Protocol):
     model_keys: dict  # model.* config keys of this family beyond the common ones, with type specs
     text_dtype_key: str  # the model.* key of the text encoders' dtype (e.g. "t5_dtype")
     lora_naming: LoraNaming
+    fp8_text_key: str  # the memory.* key that stores its (largest) text encoder in fp8: "fp8_t5", "fp8_llm"
+    # (include, exclude) substrings of the DiT's module names whose Linears memory.fp8_base stores in fp8
+    fp8_layers: tuple[tuple[str, ...], tuple[str, ...]]
 
     def geometry(self, model_cfg: dict) -> Geometry: ...
 
@@ -172,12 +175,19 @@ class Family(Protocol):
 
     def load_vae(self, model_cfg: dict, device, dtype) -> VAE: ...
 
-    def load_text_encoder(self, model_cfg: dict, device, dtype) -> TextEncoder: ...
+    def load_text_encoder(self, model_cfg: dict, device, dtype, fp8: bool = False) -> TextEncoder:
+        """The frozen text encoder(s); `fp8` stores the Linear weights of the one fp8_text_key names in fp8."""
 
     def load_dit(self, model_cfg: dict, device, dtype, expert: str = ""): ...
 
     def blocks(self, dit) -> list[Any]:
         """The DiT's repeated transformer blocks, in order (the units of FSDP sharding and block swap)."""
+
+    def num_blocks(self, model_cfg: dict) -> int:
+        """len(blocks(dit)), known without loading (memory.blocks_to_swap is checked against it)."""
+
+    def model_size(self, model_cfg: dict) -> str:
+        """The size class memory presets key their tables by: "wan_14b", "wan_1.3b", "hunyuan_video", "tiny", ..."""
 
     def lora_targets(self, dit) -> dict[str, Any]:
         """Return {official module name: torch.nn.Linear} of the modules a LoRA trains by default."""

@@ -20,10 +20,12 @@ class ExpertDits:
     def get(self, name: str):
         """Return expert `name`'s DiT on the device."""
         if self.offload and self.active != name:
+            from musubi_pipe.memory import move_dit
+
             for other, dit in self.dits.items():
                 if other != name:
-                    dit.to("cpu")
-            self.dits[name].to(self.device)
+                    move_dit(dit, "cpu")
+            move_dit(self.dits[name], self.device)
         self.active = name
         return self.dits[name]
 

@@ -40,7 +40,7 @@ def encode_texts(job: Job, texts: list[str], force: bool = False, progress: bool
     if mine:
         device = common.resolve_device(job)
         dtype = common.torch_dtype(common.resolve_dtype(job, common.text_dtype_key(job)))
-        encoder = common.family(job).load_text_encoder(common.model_cfg(job), device, dtype)
+        encoder = common.family(job).load_text_encoder(common.model_cfg(job), device, dtype, fp8=common.text_fp8(job))
         batches = [mine[i : i + BATCH] for i in range(0, len(mine), BATCH)]
         with torch.no_grad():
             for batch in tqdm(batches, desc="text encoder", disable=not (progress and job.dist.main)):

@@ -161,6 +161,24 @@ def encoder_document(job: Job, part: str, dtype_key: str) -> dict:
     }
 
 
+def dit_document(job: Job, experts) -> dict:
+    """What identifies the DiT weights a stage computes with: each expert's file digests, the dtype and,
+    only when set (older fingerprints stay valid), how memory.fp8_base stores them."""
+    doc = {
+        "files": {e.name: weight_digests(job, "dit", e.name) for e in experts},
+        "dtype": resolve_dtype(job, "dit_dtype"),
+    }
+    memory = job.cfg["memory"]
+    if memory.get("fp8_base"):
+        doc["fp8"] = "scaled" if memory.get("fp8_scaled") else "plain"
+    return doc
+
+
+def text_fp8(job: Job) -> bool:
+    """Whether the text encoder is stored in fp8 (memory.fp8_t5 or fp8_llm, whichever the family has)."""
+    return bool(job.cfg["memory"].get(family(job).fp8_text_key))
+
+
 def latent_key(job: Job, item) -> str:
     """Return the content address of an item's latent entry.
 
@@ -210,7 +228,11 @@ def text_dtype_key(job: Job) -> str:
 
 def text_document(job: Job) -> dict:
     """What identifies the text encoders (encoder_document of part "text"), computed once per job."""
-    return job.cached("text_doc", lambda: encoder_document(job, "text", text_dtype_key(job)))
+    def document():
+        doc = encoder_document(job, "text", text_dtype_key(job))
+        return dict(doc, fp8=True) if text_fp8(job) else doc  # only when set: older entries stay valid
+
+    return job.cached("text_doc", document)
 
 
 def text_entry(job: Job, key: str, device=None, dtype=None) -> dict:

@@ -112,6 +112,7 @@ def _warn_overlaps(expert: str, loaded: list[tuple[str, set[str], bool]]) -> Non
 
 def _load(job: Job, device, dtype):
     """Every expert's DiT with the sampling.loras applied (hooks) or merged; return (ExpertDits, networks)."""
+    from musubi_pipe.memory import load_dit
     from musubi_pipe.models.experts import ExpertDits
 
     family, model, sampling = common.family(job), common.model_cfg(job), job.cfg["sampling"]
@@ -119,22 +120,31 @@ def _load(job: Job, device, dtype):
     offload = bool(job.cfg["memory"].get("offload_inactive_dit")) and len(experts) > 1
     dits, networks = {}, []
     for expert in experts:
-        dit = family.load_dit(model, "cpu" if offload else device, dtype, expert=expert.name)
-        loaded = []
-        for i, entry in enumerate(sampling.get("loras") or []):
-            wanted = entry.get("expert", "both")
-            if wanted != "both" and f"{wanted}_noise" != expert.name:
-                continue
-            network, is_loraid = _lora_network(family, dit, entry, f"sampling.loras[{i}]")
-            network.to(dit.device)
-            loaded.append((entry["path"], set(network.official_names), is_loraid))
-            if sampling.get("merge_loras"):
-                network.merge_into_base(float(entry.get("multiplier", 1.0)))
-            else:
-                network.apply_to()
-                networks.append(network)
-        _warn_overlaps(expert.name, loaded)
-        dits[expert.name] = dit
+        hooked = []
+
+        def build_loras(dit, expert=expert):
+            """Build this expert's LoRAs on the weights as loaded: merged now (before any fp8 rounding), or
+            kept to hook once the DiT is in place."""
+            loaded = []
+            for i, entry in enumerate(sampling.get("loras") or []):
+                wanted = entry.get("expert", "both")
+                if wanted != "both" and f"{wanted}_noise" != expert.name:
+                    continue
+                network, is_loraid = _lora_network(family, dit, entry, f"sampling.loras[{i}]")
+                network.to(dit.device)
+                loaded.append((entry["path"], set(network.official_names), is_loraid))
+                if sampling.get("merge_loras"):
+                    network.merge_into_base(float(entry.get("multiplier", 1.0)))
+                else:
+                    hooked.append(network)
+            _warn_overlaps(expert.name, loaded)
+
+        dits[expert.name] = load_dit(family, model, job.cfg["memory"], device, dtype, expert.name, park=offload,
+                                     before_quantize=build_loras)
+        for network in hooked:
+            network.to(device)
+            network.apply_to()
+            networks.append(network)
     return ExpertDits(dits, device, offload), networks
 
 

@@ -98,10 +98,7 @@ def _defaults(job: Job) -> dict:
 def inputs(job: Job) -> dict:
     family, model = common.family(job), common.model_cfg(job)
     return {
-        "dit": {
-            "files": {e.name: common.weight_digests(job, "dit", e.name) for e in family.experts(model)},
-            "dtype": common.resolve_dtype(job, "dit_dtype"),
-        },
+        "dit": common.dit_document(job, family.experts(model)),
         "model": family.training_identity(model),
         "defaults": _defaults(job),
         "vae": job.cached("vae_doc", lambda: common.encoder_document(job, "vae", "vae_dtype")),
@@ -157,9 +154,8 @@ def run(ctx: StageContext) -> dict:
     lora_experts = train_stats.get("lora_experts") or {"": train_stats["outputs"]["lora"][0]}
 
     conds = prompt_conditions(family, model, prompts, device, vae_dtype)
-    offload = bool(job.cfg["memory"].get("offload_inactive_dit"))
-    dits, networks = _load_experts(family, model, experts, device, dit_dtype, offload, train_dir, lora_experts,
-                                   sampling["lora_multiplier"])
+    dits, networks = _load_experts(family, model, experts, device, dit_dtype, job.cfg["memory"], train_dir,
+                                   lora_experts, sampling["lora_multiplier"])
 
     def embedding(text):
         return common.text_entry(job, text_index[text], device, dit_dtype)
@@ -246,15 +242,18 @@ def write_samples(family, model, prompts, latents_out, out_dir, prefix: str, fps
     return written
 
 
-def _load_experts(family, model, experts, device, dtype, offload, train_dir, lora_experts, multiplier):
-    """Load every expert's DiT, each with the LoRA the train stage made for it; return (ExpertDits, networks)."""
+def _load_experts(family, model, experts, device, dtype, memory, train_dir, lora_experts, multiplier):
+    """Load every expert's DiT (memory settings applied), each with the LoRA the train stage made for it;
+    return (ExpertDits, networks)."""
+    from musubi_pipe.memory import load_dit
     from musubi_pipe.models.experts import ExpertDits
     from musubi_pipe.network.factory import network_from_weights
     from musubi_pipe.network.formats import read_lora_file
 
+    offload = bool(memory.get("offload_inactive_dit")) and len(experts) > 1
     dits, networks = {}, []
     for expert in experts:
-        dit = family.load_dit(model, "cpu" if offload and len(experts) > 1 else device, dtype, expert=expert.name)
+        dit = load_dit(family, model, memory, device, dtype, expert.name, park=offload)
         dits[expert.name] = dit
         if expert.name in lora_experts:
             path = train_dir / lora_experts[expert.name]

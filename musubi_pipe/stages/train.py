@@ -36,10 +36,7 @@ def trained_experts(job: Job) -> list:
 
 def inputs(job: Job) -> dict:
     return {
-        "dit": {
-            "files": {e.name: common.weight_digests(job, "dit", e.name) for e in trained_experts(job)},
-            "dtype": common.resolve_dtype(job, "dit_dtype"),
-        },
+        "dit": common.dit_document(job, trained_experts(job)),
         "model": common.family(job).training_identity(common.model_cfg(job)),
         "mixed_precision": _mixed_precision(job),
         # N processes each take their own batches: like N x gradient accumulation, up to float rounding
@@ -83,7 +80,7 @@ def run(ctx: StageContext) -> dict:
     trainer = Trainer(
         family=family,
         model_cfg=common.model_cfg(job),
-        # memory.* settings move work around without changing numbers: read, not declared
+        # memory.* settings only move work, except fp8, which inputs() declares through common.dit_document
         cfg={**cfg, "training": train_cfg, "dataset": cfg["dataset"], "memory": job.cfg["memory"],
              "sampling": job.cfg["sampling"]},
         latents_index=latents_index,

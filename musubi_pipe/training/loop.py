@@ -38,6 +38,8 @@ from musubi_pipe.training.optimizers import build_optimizer
 from musubi_pipe.training.schedule import build_scheduler
 from musubi_pipe.models.base import active_experts, route
 from musubi_pipe.models.experts import ExpertDits
+from musubi_pipe.memory import load_dit
+from musubi_pipe.memory.settings import blocks_to_swap
 from musubi_pipe.training.timesteps import TimestepSpec, loss_weights, sample_timesteps, weighted_mse
 from musubi_pipe.training.validation import VALIDATION_TIMESTEPS, noise_seed, slice_records, split_records
 
@@ -89,18 +91,20 @@ class Trainer:
             if not self.experts:
                 raise UserError(f"network.loraid={net['loraid']} has no units on the expert(s) training.experts="
                                 f"{train.get('experts')} selects; train both experts or pick another ID")
-        offload = bool(self.cfg["memory"].get("offload_inactive_dit")) and len(self.experts) > 1
+        memory = self.cfg["memory"]
+        offload = bool(memory.get("offload_inactive_dit")) and len(self.experts) > 1
         fsdp = self.fsdp = self.dist.active and fsdp_requested()
-        if fsdp and offload:
-            raise UserError("memory.offload_inactive_dit and FSDP (accelerate launch --use_fsdp) both move the DiT's "
-                            "weights; use one (FSDP already spreads them over the processes)")
+        swapped = blocks_to_swap(memory, self.family, self.model_cfg)
+        moved = [key for key, on in (("offload_inactive_dit", offload), ("blocks_to_swap", swapped),
+                                     ("fp8_base", memory.get("fp8_base"))) if on]
+        if fsdp and moved:
+            raise UserError(f"memory.{moved[0]} and FSDP (accelerate launch --use_fsdp) do not go together: FSDP "
+                            "already spreads the DiT's weights over the processes; drop one")
         dits = {}
         for expert in self.experts:
             # with FSDP the whole DiT is read into CPU memory and each process moves only its shard to the GPU
-            where = "cpu" if offload or fsdp else self.device
-            dit = self.family.load_dit(self.model_cfg, where, self.dit_dtype, expert=expert.name)
-            if self.cfg["memory"].get("gradient_checkpointing"):
-                dit.enable_gradient_checkpointing()
+            dit = load_dit(self.family, self.model_cfg, memory, self.device, self.dit_dtype, expert.name,
+                           training=True, park=offload or fsdp)
             if fsdp:
                 shard_frozen(dit, self.family.blocks(dit), self.dist)
                 log.info("train: FSDP: the %sDiT's weights are sharded over %d processes",

@@ -29,6 +29,10 @@ LATENT_CHANNELS = 16
 MAX_BLOCKS_TO_SWAP = 36
 
 
+OFFICIAL_BLOCKS = 60  # 20 double-stream + 40 single-stream blocks
+TINY_BLOCKS = 4  # tiny.TINY_DIT_CONFIG: 2 + 2 (torch-free here; tests check they agree)
+
+
 class HunyuanVideoFamily:
     """HunyuanVideo (tasks.py); see models/base.py for the method contracts."""
 
@@ -37,6 +41,10 @@ class HunyuanVideoFamily:
     text_dtype_key = "text_encoder_dtype"
     lora_naming = LORA_NAMING
     supports_loraid = False
+    fp8_text_key = "fp8_llm"  # the LLM only; CLIP-L is small
+    # memory.fp8_base stores the Linears of the double and single blocks except their modulation
+    # (diffusers' norm1.linear, norm1_context.linear, norm.linear)
+    fp8_layers = (("transformer_blocks.",), ("norm",))
     model_keys = {
         "text_encoder1": "str",  # LLaVA-Llama-3: ComfyUI llava_llama3_fp16.safetensors or the official text_encoder/
         "text_encoder2": "str",  # CLIP-L: ComfyUI clip_l.safetensors or the official text_encoder_2/
@@ -153,10 +161,10 @@ class HunyuanVideoFamily:
                                 chunk_size=model_cfg.get("vae_chunk_size"),
                                 tile_sample_min_size=model_cfg.get("vae_spatial_tile_sample_min_size"))
 
-    def load_text_encoder(self, model_cfg: dict, device, dtype):
+    def load_text_encoder(self, model_cfg: dict, device, dtype, fp8: bool = False):
         from musubi_pipe.models.hunyuan_video import text
 
-        return text.load_text_encoder(model_cfg, device, dtype)
+        return text.load_text_encoder(model_cfg, device, dtype, fp8=fp8)
 
     def load_dit(self, model_cfg: dict, device, dtype, expert: str = ""):
         from musubi_pipe.models.hunyuan_video import loading
@@ -166,6 +174,12 @@ class HunyuanVideoFamily:
 
     def blocks(self, dit) -> list:
         return list(dit.transformer_blocks) + list(dit.single_transformer_blocks)
+
+    def num_blocks(self, model_cfg: dict) -> int:
+        return TINY_BLOCKS if get_task(model_cfg.get("task")).tiny else OFFICIAL_BLOCKS
+
+    def model_size(self, model_cfg: dict) -> str:
+        return "tiny" if get_task(model_cfg.get("task")).tiny else "hunyuan_video"
 
     def lora_targets(self, dit) -> dict:
         """{official name: nn.Linear, or FusedLinear of the diffusers parts of a fused official module}."""

@@ -424,16 +424,22 @@ class HunyuanTextEncoder:
                 for h, n, p in zip(hidden, mask.sum(dim=1).tolist(), pooled)]
 
 
-def load_text_encoder(model_cfg, device, dtype) -> HunyuanTextEncoder:
+def load_text_encoder(model_cfg, device, dtype, fp8: bool = False) -> HunyuanTextEncoder:
     """Load both encoders (module doc: every accepted layout) in `dtype` on `device`, frozen, eval, with
-    their tokenizers. musubi-tuner runs both in float16. Raises ConfigError with every problem of
-    check_text_encoders, or on the key of a file whose tensors do not fit the model its shapes imply."""
+    their tokenizers; `fp8` (memory.fp8_llm) stores the LLM's Linear weights in float8_e4m3fn. musubi-tuner
+    runs both in float16. Raises ConfigError with every problem of check_text_encoders, or on the key of
+    a file whose tensors do not fit the model its shapes imply."""
     from transformers import AutoTokenizer
 
     sources, problems = _sources(model_cfg)
     if problems:
         raise ConfigError(problems)
-    llm = _load_llm(sources["llm"], dtype).to(device).eval().requires_grad_(False)
+    llm = _load_llm(sources["llm"], dtype)
+    if fp8:
+        from musubi_pipe.memory import quantize_text_encoder
+
+        quantize_text_encoder(llm, device, exclude=("lm_head",))
+    llm = llm.to(device).eval().requires_grad_(False)
     clip = _load_clip(sources["clip"], dtype).to(device).eval().requires_grad_(False)
     llm_tokenizer = AutoTokenizer.from_pretrained(sources["llm_tokenizer"].path, padding_side="right")
     clip_tokenizer = AutoTokenizer.from_pretrained(sources["clip_tokenizer"].path, padding_side="right")

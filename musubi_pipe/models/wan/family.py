@@ -59,6 +59,10 @@ class WanFamily:
     modelspec_arch = "wan2.1"  # musubi writes wan2.1 for Wan2.2 too
     text_dtype_key = "t5_dtype"
     lora_naming = LORA_NAMING
+    fp8_text_key = "fp8_t5"
+    # memory.fp8_base stores the Linears inside the blocks; modulation (scale_shift_table), norms,
+    # embeddings and the head stay in the DiT's dtype (musubi-tuner's Wan targets and excludes)
+    fp8_layers = (("blocks.",), ("norm",))
     # model.* keys of this family beyond the common ones (config/schema.py), with their types
     model_keys = {
         "dit_high_noise": "str?",  # Wan2.2 A14B: the high-noise expert (model.dit is the low-noise one)
@@ -193,9 +197,10 @@ class WanFamily:
         clip = clip_files.load_clip(model_cfg.get("clip"), task, device, dtype) if task.clip_config else None
         return loading.load_vae(model_cfg.get("vae"), task, device, dtype, clip=clip)
 
-    def load_text_encoder(self, model_cfg: dict, device, dtype):
+    def load_text_encoder(self, model_cfg: dict, device, dtype, fp8: bool = False):
         task = get_task(model_cfg.get("task"))
-        return t5_files.load_text_encoder(model_cfg.get("t5"), model_cfg.get("t5_tokenizer"), task, device, dtype)
+        return t5_files.load_text_encoder(model_cfg.get("t5"), model_cfg.get("t5_tokenizer"), task, device, dtype,
+                                          fp8=fp8)
 
     def load_dit(self, model_cfg: dict, device, dtype, expert: str = ""):
         from musubi_pipe.models.wan import loading
@@ -206,6 +211,15 @@ class WanFamily:
 
     def blocks(self, dit) -> list:
         return list(dit.blocks)
+
+    def num_blocks(self, model_cfg: dict) -> int:
+        return get_task(model_cfg.get("task")).dit_config["num_layers"]
+
+    def model_size(self, model_cfg: dict) -> str:
+        name = get_task(model_cfg.get("task")).name
+        if name.startswith("tiny"):
+            return "tiny"
+        return "wan_1.3b" if "1.3B" in name else "wan_5b" if "5B" in name else "wan_14b"
 
     def lora_targets(self, dit) -> dict:
         from torch import nn

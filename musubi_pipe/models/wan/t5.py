@@ -180,8 +180,10 @@ class WanTextEncoder(FrozenEncoder):
         return [{"embedding": h[:n].clone()} for h, n in zip(hidden, mask.sum(dim=1).tolist())]
 
 
-def load_text_encoder(t5_value, tokenizer_value, task: WanTask, device, dtype, key: str = "model.t5") -> WanTextEncoder:
-    """Load the UMT5 encoder from any `model.t5` kind (module doc) and its tokenizer; frozen, eval, on `device`.
+def load_text_encoder(t5_value, tokenizer_value, task: WanTask, device, dtype, key: str = "model.t5",
+                      fp8: bool = False) -> WanTextEncoder:
+    """Load the UMT5 encoder from any `model.t5` kind (module doc) and its tokenizer; frozen, eval, on `device`;
+    with `fp8` (memory.fp8_t5) its Linear weights are stored in float8_e4m3fn.
 
     Raises ConfigError on `key` when the weights do not fit `task.t5_config`.
     """
@@ -193,6 +195,12 @@ def load_text_encoder(t5_value, tokenizer_value, task: WanTask, device, dtype, k
         model = UMT5EncoderModel.from_pretrained(source.path, dtype=dtype)
     else:
         model = _load_t5_file(source.path, task, dtype, key)
+    if fp8:
+        from musubi_pipe.memory import quantize_text_encoder
+
+        # not the feed-forward outputs: transformers casts their input to the weight's dtype (they are
+        # kept in float32 for float16 runs), which would turn activations into fp8
+        quantize_text_encoder(model, device, exclude=("DenseReluDense.wo",))
     return WanTextEncoder(tokenizer, model.to(device).eval().requires_grad_(False), task.text_len)
 
 
