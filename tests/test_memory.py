@@ -182,3 +182,42 @@ def test_fp8_base_on_the_tiny_dit(tiny_wan_model, scaled):
         got = WAN.predict(dit, x, torch.tensor([500.0]), text).float()
     error = ((got - want).norm() / want.norm()).item()
     assert 0 < error < 0.08
+
+
+def test_backends_go_through_diffusers_dispatcher(monkeypatch):
+    model = _tiny_wan()
+    calls = []
+    monkeypatch.setattr(model, "set_attention_backend", calls.append)
+    for name in ("flash", "flash3", "sage", "xformers", "sdpa"):
+        use_backend(model, name)
+    assert calls == ["flash", "_flash_3", "sage", "xformers"]  # sdpa on a model without a backend: nothing to set
+
+
+def test_training_and_sampling_pick_their_attention(monkeypatch, tiny_wan_model):
+    import musubi_pipe.memory.attention as attention
+
+    chosen = []
+    monkeypatch.setattr(attention, "use_backend", lambda dit, name: chosen.append(name))
+    memory = dict(_compose(["memory=none"])["memory"], attention="xformers", sampling_attention="sage")
+    load_dit(WAN, tiny_wan_model, memory, "cpu", torch.float32, training=True)
+    load_dit(WAN, tiny_wan_model, memory, "cpu", torch.float32)
+    assert chosen == ["xformers", "sage"]
+
+
+def test_hunyuan_fp8_layers_leave_modulation_alone():
+    from musubi_pipe.memory.fp8 import quantize_linears
+
+    model = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=32,
+        pooled_projection_dim=24, rope_axes_dim=(4, 6, 6))
+    include, exclude = HV.fp8_layers
+    quantize_linears(model, include=include, exclude=exclude, scaled=True)
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+                 "transformer_blocks.0.ff_context.net.2", "single_transformer_blocks.0.proj_mlp",
+                 "single_transformer_blocks.0.proj_out"):
+        assert name in fp8, name
+    # modulation (AdaLayerNormZero's linear), the token refiner and the embedders stay in the model's dtype
+    assert not any("norm" in n or n.startswith(("context_embedder", "time_text_embed", "x_embedder")) for n in fp8)
+    assert "transformer_blocks.0.norm1.linear" in dict(model.named_modules())
