@@ -78,12 +78,12 @@ def move_dit(dit, device) -> None:
 
 
 def _to_fp8(family, dit, scaled: bool, device) -> None:
-    from musubi_pipe.memory.fp8 import quantize_linears
+    from musubi_pipe.memory.fp8 import fp8_bytes, quantize_linears
 
     include, exclude = family.fp8_layers
     count = quantize_linears(dit, include=include, exclude=exclude, scaled=scaled, work_device=device)
-    log.info("memory.fp8_base: %d Linear layers of the DiT stored in float8_e4m3fn%s", count,
-             " with block-wise scales (memory.fp8_scaled)" if scaled else "")
+    log.info("memory.fp8_base: %d Linear layers of the DiT stored in float8_e4m3fn%s (%.2f GiB)", count,
+             " with block-wise scales (memory.fp8_scaled)" if scaled else "", fp8_bytes(dit) / 2**30)
 
 
 def quantize_text_encoder(model, device, exclude=()) -> None:
