@@ -70,7 +70,7 @@ def test_model_sizes_and_block_counts():
 def test_memory_problems_name_the_key_and_the_fix():
     assert _problems("preset=24gb") == []
     assert _problems("preset=12gb", stages=("generate",), arch="hunyuan_video", task="tiny-t2v") == []
-    [(key, message)] = _problems("fp8_scaled=true".replace("true", "1"))
+    [(key, message)] = _problems("fp8_scaled=1")
     assert key == "memory.fp8_scaled" and "memory.fp8_base=true" in message
     [(key, message)] = _problems("blocks_to_swap=2", "gradient_checkpointing=1")
     assert key == "memory.blocks_to_swap" and "1..1" in message and "2 blocks" in message
@@ -90,11 +90,10 @@ def test_memory_problems_name_the_key_and_the_fix():
 
 
 def test_attention_backends_checked_before_loading(monkeypatch):
-    missing = [name for name in ("flash_attn", "sageattention", "xformers") if importlib.util.find_spec(name) is None]
-    if "flash_attn" in missing:
-        [(key, message)] = _problems("attention=flash")
-        assert key == "memory.attention" and "pip install flash-attn" in message
     real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name))
+    [(key, message)] = _problems("attention=flash")
+    assert key == "memory.attention" and "flash_attn package" in message and "pip install flash-attn" in message
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "sageattention" else real(name))
     [(key, message)] = _problems("attention=sage")
     assert key == "memory.attention" and "inference only" in message
@@ -221,3 +220,30 @@ def test_hunyuan_fp8_layers_leave_modulation_alone():
     # modulation (AdaLayerNormZero's linear), the token refiner and the embedders stay in the model's dtype
     assert not any("norm" in n or n.startswith(("context_embedder", "time_text_embed", "x_embedder")) for n in fp8)
     assert "transformer_blocks.0.norm1.linear" in dict(model.named_modules())
+
+
+def test_before_quantize_sees_the_exact_weights(tiny_wan_model):
+    """generate merges LoRAs in before_quantize: the merge must see the weights as loaded, and fp8 must
+    then store the merged weights (merging into fp8 weights would ignore their scales)."""
+    memory = dict(_compose(["memory=none"])["memory"], fp8_base=True, fp8_scaled=True)
+    plain = load_dit(WAN, tiny_wan_model, _compose(["memory=none"])["memory"], "cpu", torch.bfloat16)
+    base = plain.blocks[0].attn1.to_q.weight.float()
+    delta = torch.linspace(-0.5, 0.5, base.numel()).reshape(base.shape)
+    seen = []
+
+    def merge(dit):
+        weight = dit.blocks[0].attn1.to_q.weight
+        seen.append(weight.dtype)
+        with torch.no_grad():
+            weight.add_(delta.to(weight.dtype))
+
+    dit = load_dit(WAN, tiny_wan_model, memory, "cpu", torch.bfloat16, before_quantize=merge)
+    layer = dit.blocks[0].attn1.to_q
+    assert seen == [torch.bfloat16] and isinstance(layer, Fp8Linear)
+    from musubi_pipe.memory.fp8 import dequantize_weight
+
+    stored = dequantize_weight(layer.weight, layer.scale_weight, torch.float32)
+    merged = base + delta.to(torch.bfloat16).float()
+    # within fp8's relative rounding (2^-4) of the merged weights, far from the unmerged ones
+    assert ((stored - merged).abs() <= merged.abs() * 2**-4 + 1e-3).all()
+    assert (stored - base).abs().max() > 0.4

@@ -60,7 +60,8 @@ def test_generate_merges_loras_before_quantizing(demo, tmp_path):
     hooked, merged = demo(*base), demo(*base, "sampling.merge_loras=true")
     latents = [load_file(str(Path(stage(r, "generate")["artifact"]) / "sample_00.safetensors"))["latents"]
                for r in (hooked, merged)]
-    # merged weights are rounded to fp8 once, LoRA included; hooks add the exact LoRA to rounded weights
+    # merged weights are rounded to fp8 once, LoRA included; hooks add the exact LoRA to rounded weights:
+    # close, not equal (test_memory checks that the merge sees the unrounded weights)
     torch.testing.assert_close(latents[1], latents[0], rtol=0.1, atol=0.1)
     assert not torch.equal(latents[0], latents[1])
 

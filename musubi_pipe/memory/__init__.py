@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from musubi_pipe.errors import UserError
 from musubi_pipe.memory.settings import attention_backend, blocks_to_swap
 
 log = logging.getLogger("musubi_pipe")
@@ -48,7 +49,10 @@ def prepare_dit(family, model_cfg: dict, dit, memory: dict, device, *, training:
     if swap_count:
         from musubi_pipe.memory.block_swap import BlockSwap
 
-        swap = BlockSwap(family.blocks(dit), swap_count, device, pinned=bool(memory.get("pin_memory", True)))
+        try:
+            swap = BlockSwap(family.blocks(dit), swap_count, device, pinned=bool(memory.get("pin_memory", True)))
+        except ValueError as e:  # a DiT with fewer blocks than its task says (validation counted the task's)
+            raise UserError(str(e)) from e
         swap.attach(dit)
         dit._block_swap = swap  # move_dit finds it here
     if not park:

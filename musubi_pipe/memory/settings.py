@@ -105,9 +105,9 @@ def _attention_problems(memory: dict, training: bool) -> list[tuple[str, str]]:
     for key, name, for_training in used:
         _, module, install = ATTENTION_BACKENDS[name]
         if module is not None and importlib.util.find_spec(module) is None:
-            problems.append((key, f"={name} needs the {module} package, which is not installed ({install}); "
-                             "or use sdpa"))
+            problems.append((key, f"is {name}, which needs the {module} package; it is not installed here "
+                             f"({install}), or use sdpa"))
         if for_training and training and name in INFERENCE_ONLY_ATTENTION:
-            problems.append((key, f"={name} is for inference only (it quantizes attention inputs); train with "
-                             "sdpa, flash or xformers and set memory.sampling_attention=sage for sampling"))
+            problems.append((key, f"is {name}, which is for inference only (it quantizes attention inputs); train "
+                             "with sdpa, flash or xformers and set memory.sampling_attention=sage for sampling"))
     return problems
