@@ -1,6 +1,7 @@
 """Benchmark: item decoding throughput of `loader.iter_loaded`, one thread against a thread pool, in one go.
 
     python benchmarks/loader_throughput.py [--items 32] [--workers 4] [--frames 33] [--size 832x480]
+    python benchmarks/loader_throughput.py --quick    # 4 small clips (tests/test_benchmarks.py)
 
 Writes a synthetic dataset into a temp folder (`--items` MP4 clips of `--frames` frames at `--size`,
 plus a quarter as many PNG images at the same size, each with a caption; only 4 distinct clips are
@@ -97,7 +98,10 @@ def main() -> int:
                         help="threads for the parallel run (default: CPU count, 2 to 8)")
     parser.add_argument("--frames", type=int, default=33, help="frames per clip (4n+1)")
     parser.add_argument("--size", default="832x480", help="WxH of the synthetic media (even numbers)")
+    parser.add_argument("--quick", action="store_true", help="4 clips of 5 frames at 64x48 (a smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.items, args.frames, args.size, args.workers = 4, 5, "64x48", 2
     width, height = (int(v) for v in args.size.lower().split("x"))
     resolution = (width * 3 // 4, height * 3 // 4)
     with tempfile.TemporaryDirectory() as root:

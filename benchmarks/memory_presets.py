@@ -3,6 +3,7 @@
     python benchmarks/memory_presets.py                       # docs/memory.md's table (CUDA GPU, 64 GB+ of RAM)
     python benchmarks/memory_presets.py t2v-14B 81 24gb       # one case
     python benchmarks/memory_presets.py --tiny                # the same code on the tiny Wan, on the CPU (smoke run)
+    python benchmarks/memory_presets.py --quick               # --tiny with presets none and 12gb (tests/test_benchmarks.py)
 
 Each case runs in a process of its own (an OOM or a fragmented allocator cannot leak into the next).
 The DiT gets random bf16 weights (seeded) in CPU memory, then `memory.prepare_dit` applies the preset
@@ -78,7 +79,7 @@ def run_case(task_name: str, frames: int, preset: str, device: str, height: int,
         optimizer = torch.optim.AdamW(network.trainable_parameters(), lr=1e-4)
         st, sh, sw = task.vae_stride
         shape = (1, task.latent_channels, (frames - 1) // st + 1, height // sh, width // sw)
-        text = [{"embedding": torch.randn(512, task.dit_config["text_dim"], device=device, dtype=torch.bfloat16)}]
+        text = [{"embedding": torch.randn(task.text_len, task.dit_config["text_dim"], device=device, dtype=torch.bfloat16)}]
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
@@ -119,9 +120,9 @@ def main(argv: list[str]) -> None:
         task, frames, preset, device, height, width = argv[1:]
         print(json.dumps(run_case(task, int(frames), preset, device, int(height), int(width))))
         return
-    tiny = argv[:1] == ["--tiny"]
-    if tiny:
-        cases, device, size = [("tiny-t2v", 5, p) for p in PRESETS], "cpu", (64, 64)
+    if argv[:1] in (["--tiny"], ["--quick"]):
+        presets = PRESETS if argv[0] == "--tiny" else ("none", "12gb")
+        cases, device, size = [("tiny-t2v", 5, p) for p in presets], "cpu", (64, 64)
     else:
         import torch
 
