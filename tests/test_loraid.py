@@ -14,7 +14,7 @@ import pytest
 from musubi_pipe.errors import ConfigError
 from musubi_pipe.network import loraid as lid
 from musubi_pipe.network.loraid import LoraidError, Unit
-from musubi_pipe.network.targets import select_targets
+from musubi_pipe.network.targets import filter_targets
 from musubi_pipe.tools import loraid_table
 
 HIGH, LOW = "high_noise", "low_noise"
@@ -181,7 +181,7 @@ def test_unit_modules_and_include_patterns():
         allocation = lid.allocation_for("i2v-14B", 5, 4, "interleaved", unit)
         expected = [m for u in allocation["units"] for m in lid.as_unit(u).modules(candidates)]
         patterns = lid.include_patterns(allocation, "")
-        selected = select_targets(dict.fromkeys(candidates), patterns, None)
+        selected = filter_targets(dict.fromkeys(candidates), patterns, None, "network")
         assert sorted(selected) == sorted(expected) and len(set(expected)) == len(expected)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from musubi_pipe.errors import ConfigError, UserError
 from musubi_pipe.network.factory import (
     NETWORK_MODULES,
     build_network,
+    load_network_weights,
     network_from_weights,
     network_kind_of,
     network_module_name,
@@ -22,7 +24,7 @@ from musubi_pipe.network.factory import (
 from musubi_pipe.network.lora import LoRANetwork, lora_name
 from musubi_pipe.network.lora_file import load_lora_file, save_lora_file
 from musubi_pipe.network.lycoris import LoHaNetwork, LoKrModule, LoKrNetwork, factorization
-from musubi_pipe.network.targets import select_targets
+from musubi_pipe.network.targets import covering_pattern, filter_targets, select_targets
 
 D, FF = 32, 64
 
@@ -376,43 +378,99 @@ def candidates() -> dict[str, str]:
     return {n: n for n in NAMES}
 
 
-def test_selection_include_is_a_whitelist_and_exclude_removes():
+def test_selection_is_musubi_tuners_rule():
+    """Left out iff an exclude pattern matches and no include pattern does: include only re-admits."""
     assert list(select_targets(candidates(), [], [])) == NAMES
-    assert list(select_targets(candidates(), [r"blocks\.1\..*"], [])) == ["blocks.1.q", "blocks.1.ffn.0"]
-    assert list(select_targets(candidates(), [r"blocks\.1\..*"], [r".*ffn.*"])) == ["blocks.1.q"]
     assert list(select_targets(candidates(), [], [r".*\.q"])) == ["blocks.1.ffn.0"]
-    # exclude wins over include
-    assert list(select_targets(candidates(), [r".*\.q"], [r"blocks\.2\..*"])) == ["blocks.1.q", "blocks.10.q", "blocks.1x.q"]
+    # training blocks.1 only: exclude everything, re-admit blocks.1 (musubi-tuner's documented recipe)
+    assert list(select_targets(candidates(), [r"blocks\.1\..*"], [r".*"])) == ["blocks.1.q", "blocks.1.ffn.0"]
+    # include wins over exclude for what both match
+    assert list(select_targets(candidates(), [r"blocks\.2\..*"], [r".*\.q"])) == ["blocks.1.ffn.0", "blocks.2.q"]
+    # the family's default excludes are appended to the user's and re-admitted the same way
+    assert list(select_targets(candidates(), [], [], default_excludes=[r".*ffn.*"])) == [
+        "blocks.1.q", "blocks.10.q", "blocks.1x.q", "blocks.2.q"]
+    assert list(select_targets(candidates(), [r".*ffn.*"], [], default_excludes=[r".*ffn.*"])) == NAMES
+    # a default exclude that matches nothing is no error (Wan's matches no block Linear)
+    assert list(select_targets(candidates(), [], [], default_excludes=[r".*head.*"])) == NAMES
+
+
+def test_include_that_re_admits_nothing_is_an_error():
+    """An include pattern whose modules were never excluded does nothing in musubi-tuner; here it is an error that
+    gives the exclude pattern that makes it narrow (an earlier version of this project narrowed with include)."""
+    with pytest.raises(ConfigError, match=r"network\.include_patterns\[0\].*re-admits nothing") as info:
+        select_targets(candidates(), [r"blocks\.1\..*"], [])
+    assert "exclude_patterns: ['.*']" in str(info.value)
+    with pytest.raises(ConfigError, match=r"network\.include_patterns\[1\]"):
+        select_targets(candidates(), [r".*ffn.*", r"blocks\.2\..*"], [r".*ffn.*"])
+
+
+def test_filter_narrows_with_include():
+    """sampling.loras patterns: musubi-tuner's inference filter, where include is a whitelist."""
+    assert list(filter_targets(candidates(), [r"blocks\.1\..*"], [], "s")) == ["blocks.1.q", "blocks.1.ffn.0"]
+    assert list(filter_targets(candidates(), [r"blocks\.1\..*"], [r".*ffn.*"], "s")) == ["blocks.1.q"]
+    with pytest.raises(ConfigError, match=r"s\.include_patterns / s\.exclude_patterns.*keep none"):
+        filter_targets(candidates(), [r".*\.q"], [r"blocks\..*"], "s")
 
 
 def test_selection_uses_full_match():
     # An unescaped dot matches any character: `blocks.1.*` also takes blocks.10 and blocks.1x.
-    loose = select_targets(candidates(), ["blocks.1.*"], [])
-    assert list(loose) == ["blocks.1.q", "blocks.1.ffn.0", "blocks.10.q", "blocks.1x.q"]
+    loose = select_targets(candidates(), [], ["blocks.1.*"])
+    assert list(loose) == ["blocks.2.q"]
     # A pattern must match the whole path: a prefix alone matches nothing (re.search would have matched).
-    with pytest.raises(ConfigError, match=r"network\.include_patterns\[0\]") as info:
-        select_targets(candidates(), [r"blocks\.1"], [])
+    with pytest.raises(ConfigError, match=r"network\.exclude_patterns\[0\]") as info:
+        select_targets(candidates(), [], [r"blocks\.1"])
     assert "'blocks.1.q'" in str(info.value) and "re.fullmatch" in str(info.value)
 
 
 def test_selection_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"network\.include_patterns\[1\].*not a valid regular expression"):
-        select_targets(candidates(), [r".*", r"blocks\.(1"], [])
+        select_targets(candidates(), [r".*", r"blocks\.(1"], [r".*"])
     with pytest.raises(ConfigError, match=r"network\.exclude_patterns\[0\].*matches none") as info:
         select_targets(candidates(), [], [r".*attn.*"])
     assert str(info.value).count("'blocks.") == 3  # three example candidates
     with pytest.raises(ConfigError, match=r"net\.include_patterns / net\.exclude_patterns"):
-        select_targets(candidates(), [r".*\.q"], [r"blocks\..*"], where="net")
+        select_targets(candidates(), [], [r"blocks\..*"], where="net")
     with pytest.raises(ConfigError, match=r"network\.include_patterns: must be a list"):
         select_targets(candidates(), "blocks.*", [])
 
 
 def test_build_network_applies_the_selection(base):
     targets = targets_of(copy.deepcopy(base))
-    network = build_network(targets, cfg("lokr", include_patterns=[r"blocks\.0\..*"], exclude_patterns=[r".*ffn.*"]))
+    network = build_network(targets, cfg("lokr", include_patterns=[r"blocks\.0\.self_attn\..*"],
+                                         exclude_patterns=[r".*"]))
     assert list(network.loras) == [lora_name(f"blocks.0.self_attn.{p}") for p in "qkvo"]
+    network = build_network(targets, cfg("lora"), default_excludes=[r".*ffn.*"])
+    assert not any("ffn" in name for name in network.loras) and len(network.loras) == 4 * len(base.blocks)
     with pytest.raises(ConfigError, match=r"network\.include_patterns\[0\]"):
         build_network(targets, cfg("lora", include_patterns=["double_blocks.*"]))
+
+
+def test_network_weights_mismatch_names_the_pattern(base):
+    """network.network_weights: every key is used on both sides; otherwise the error gives the pattern that fixes
+    it, and that pattern does fix it."""
+    targets = targets_of(copy.deepcopy(base))
+    full = build_network(targets, cfg("lora")).lora_state_dict()
+    narrow = build_network(targets, cfg("lora"), default_excludes=[r".*ffn.*"])
+    with pytest.raises(UserError, match="left out by the network's exclude patterns") as info:
+        load_network_weights(narrow, full, targets, "f.safetensors")
+    include = re.search(r"network\.include_patterns: \['(.+)'\]", str(info.value)).group(1).replace("\\\\", "\\")
+    assert include == r"(blocks\.\d+\.ffn\.0|blocks\.\d+\.ffn\.2)"
+    fixed = build_network(targets, cfg("lora", include_patterns=[include]), default_excludes=[r".*ffn.*"])
+    load_network_weights(fixed, full, targets, "f.safetensors")
+
+    wide = build_network(targets, cfg("lora"))
+    with pytest.raises(UserError, match="not in the file") as info:
+        load_network_weights(wide, narrow.lora_state_dict(), targets, "f.safetensors")
+    exclude = re.search(r"network\.exclude_patterns: \['(.+)'\]", str(info.value)).group(1).replace("\\\\", "\\")
+    fixed = build_network(targets, cfg("lora", exclude_patterns=[exclude]))
+    load_network_weights(fixed, narrow.lora_state_dict(), targets, "f.safetensors")
+    with pytest.raises(UserError, match="no LoRA target of this model"):
+        load_network_weights(wide, {**full, "lora_unet_x_y.lora_down.weight": torch.zeros(1, 1)}, targets, "f")
+
+
+def test_covering_pattern_generalises_block_indices_only_when_safe():
+    assert covering_pattern(["blocks.0.ffn.0", "blocks.3.ffn.0"], ["blocks.1.q"]) == r"blocks\.\d+\.ffn\.0"
+    assert covering_pattern(["blocks.0.ffn.0"], ["blocks.1.ffn.0"]) == r"blocks\.0\.ffn\.0"
 
 
 # -- factory helpers ---------------------------------------------------------------------------------------------
@@ -445,7 +503,7 @@ def test_network_kind_and_module_names():
 
 
 def test_network_from_weights_infers_lokr_factor_and_subset(base, x):
-    model, network = trained(base, "lokr", lokr_factor=2, include_patterns=[r"blocks\.1\..*"])
+    model, network = trained(base, "lokr", lokr_factor=2, include_patterns=[r"blocks\.1\..*"], exclude_patterns=[r".*"])
     expected = run(model, x)
     fresh = copy.deepcopy(base)
     rebuilt = network_from_weights(targets_of(fresh), network.lora_state_dict())
@@ -454,3 +512,10 @@ def test_network_from_weights_infers_lokr_factor_and_subset(base, x):
     assert torch.equal(run(fresh, x), expected)
     with pytest.raises(UserError, match="lora_unet_double_blocks_0_x"):
         network_from_weights(targets_of(fresh), {"lora_unet_double_blocks_0_x.lokr_w1": torch.zeros(2, 2)})
+
+
+def test_network_weights_of_another_rank_names_the_key(base):
+    targets = targets_of(copy.deepcopy(base))
+    rank8 = build_network(targets, cfg("lora", network_dim=8)).lora_state_dict()
+    with pytest.raises(UserError, match=r"has rank 8, the network 4: set network\.network_dim=8"):
+        load_network_weights(build_network(targets, cfg("lora", network_dim=4)), rank8, targets, "f.safetensors")

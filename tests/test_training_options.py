@@ -2,6 +2,7 @@
 schedules, timestep methods and the timestep plot, and their validation before any weight loads."""
 
 import json
+import logging
 
 import pytest
 from PIL import Image
@@ -19,8 +20,9 @@ def _keys_and_metadata(path: str) -> tuple[set[str], dict]:
 
 
 def test_loha_with_patterns_adafactor_and_timestep_plot(demo):
-    record = demo("network.network_module=loha", "network.network_dim=4", r"network.include_patterns=['blocks\.0\..*']",
-                  "network.exclude_patterns=['.*cross_attn.*']", "optimizer.optimizer_type=AdaFactor",
+    # musubi-tuner's rule: exclude everything, re-admit blocks.0 but its cross-attention
+    record = demo("network.network_module=loha", "network.network_dim=4",
+                  r"network.include_patterns=['blocks\.0\.(self_attn|ffn)\..*']", "network.exclude_patterns=['.*']", "optimizer.optimizer_type=AdaFactor",
                   "optimizer.lr_scheduler=cosine", "optimizer.lr_warmup_steps=0.5", "training.timestep_sampling=logsnr",
                   "training.logit_mean=-1.0", "training.weighting_scheme=cosmap", "training.show_timesteps=true")
     keys, metadata = _keys_and_metadata(record["lora"][0])
@@ -31,7 +33,7 @@ def test_loha_with_patterns_adafactor_and_timestep_plot(demo):
     assert metadata["ss_network_module"] == "networks.loha"
     assert metadata["ss_optimizer"].startswith("transformers.optimization.Adafactor(")
     assert (metadata["ss_timestep_sampling"], metadata["ss_weighting_scheme"]) == ("logsnr", "cosmap")
-    assert json.loads(metadata["ss_network_args"])["include_patterns"] == [r"blocks\.0\..*"]
+    assert json.loads(metadata["ss_network_args"])["include_patterns"] == [r"blocks\.0\.(self_attn|ffn)\..*"]
     plot = record["timesteps"][0]
     assert Image.open(plot).size == (1000, 460)
     assert stage(record, "sample")["status"] == "ran"  # the sample stage loads the LoHa file as it is
@@ -98,3 +100,15 @@ def test_sampling_during_training(demo):
     assert any(tag.startswith("samples/00") for tag in events.Tags()["images"])
     plain = stage(demo("pipeline.stages=[cache_latents,cache_text,train]"), "train")
     assert plain["fingerprint"] != train["fingerprint"]  # the samples are part of the artifact
+
+
+def test_saving_a_layout_a_consumer_ignores_warns_with_the_command(demo, caplog):
+    with caplog.at_level(logging.WARNING, logger="musubi_pipe"):
+        demo("pipeline.stages=[cache_latents,cache_text,train]")
+    assert not [r for r in caplog.records if "unapplied" in r.getMessage()]  # Wan's default loads everywhere
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="musubi_pipe"):
+        demo("network.save_format=comfy", "pipeline.stages=[cache_latents,cache_text,train]")
+    [warning] = [r.getMessage() for r in caplog.records if "unapplied" in r.getMessage()]
+    assert warning.startswith("train: musubi-tuner leaves 20 of the 20 modules of demo_lora.safetensors unapplied")
+    assert "python -m musubi_pipe.tools convert demo_lora.safetensors demo_lora_musubi.safetensors --to musubi" in warning

@@ -1,7 +1,7 @@
 """Build the trained network from the `network` config group; recognise a file's network type; LoRA+ param groups.
 
-`build_network(targets, net_cfg)` is what the trainer calls: it applies the include/exclude rule of
-`network.targets.select_targets` to the architecture's LoRA targets and builds a LoRA, LoHa or LoKr network
+`build_network(targets, net_cfg)` is what the trainer calls: it applies musubi-tuner's include/exclude rule
+(`network.targets.select_targets`) to the architecture's LoRA candidates and builds a LoRA, LoHa or LoKr network
 (`network.network_module`). `network_kind_of(tensors)` tells which of the three a file holds (for
 `network.network_weights`, sampling and tools), `network_from_weights` rebuilds a network from a file alone,
 `network_module_name` gives musubi-tuner's `ss_network_module` value, and `param_groups` the optimizer groups
@@ -26,7 +26,7 @@ from musubi_pipe.network.settings import (
     network_problems,
     with_defaults,
 )
-from musubi_pipe.network.targets import select_targets
+from musubi_pipe.network.targets import covering_pattern, select_targets
 
 log = logging.getLogger("musubi_pipe")
 
@@ -34,16 +34,19 @@ NETWORK_CLASSES: dict[str, type[LoRANetwork]] = {"lora": LoRANetwork, "loha": Lo
 
 
 def build_network(
-    targets: Mapping[str, nn.Linear], net_cfg: Mapping[str, Any], *, multiplier: float = 1.0, where: str = "network"
+    targets: Mapping[str, nn.Linear], net_cfg: Mapping[str, Any], *, multiplier: float = 1.0, where: str = "network",
+    default_excludes: tuple[str, ...] = (),
 ) -> LoRANetwork:
-    """Select the targets (include/exclude patterns) and build the network that `net_cfg` describes.
+    """Select the targets (musubi-tuner's include/exclude rule) and build the network that `net_cfg` describes.
 
-    `targets` are the architecture's LoRA targets by official module path; `net_cfg` the `network` group (missing keys
-    take settings.NETWORK_DEFAULTS); `where` prefixes config keys in error messages.
+    `targets` are the architecture's LoRA candidates by official module path and `default_excludes` its default
+    exclude patterns (Family.lora_targets, Family.lora_default_excludes); `net_cfg` the `network` group (missing
+    keys take settings.NETWORK_DEFAULTS); `where` prefixes config keys in error messages.
     """
     cfg = with_defaults(net_cfg)
     _validate(cfg, where)
-    selected = select_targets(targets, cfg["include_patterns"] or [], cfg["exclude_patterns"] or [], where=where)
+    selected = select_targets(targets, cfg["include_patterns"] or [], cfg["exclude_patterns"] or [], where=where,
+                              default_excludes=default_excludes)
     kind = cfg["network_module"]
     kwargs: dict[str, Any] = {"rank_dropout": cfg["rank_dropout"], "module_dropout": cfg["module_dropout"]}
     if kind == "lokr":
@@ -54,6 +57,51 @@ def build_network(
     if cfg["loraplus_lr_ratio"] is not None and kind != "lora":
         _warn_loraplus(kind)
     return network
+
+
+def load_network_weights(
+    network: LoRANetwork, tensors: Mapping[str, torch.Tensor], candidates: Iterable[str], source: str,
+    where: str = "network",
+) -> None:
+    """Load a LoRA file (musubi-form tensors) into the network the config built (`network.network_weights`).
+
+    Every key is used on both sides: the file must hold exactly the network's modules. When they differ, the
+    UserError names the modules and the include/exclude pattern that makes the network match the file;
+    `candidates` are the model's LoRA candidates (official names).
+    """
+    candidates = list(candidates)
+    by_name = {lora_name(o): o for o in candidates}
+    in_file = {key.split(".", 1)[0] for key in tensors}
+    own = set(network.loras)
+    same_kind = kinds_in_keys(tensors) in (set(), {network.kind})
+    if in_file != own and same_kind:
+        raise UserError(_module_mismatch(source, where, in_file, own, by_name))
+    if same_kind and tensors and network.kind != "lokr" and _dim_of(network.kind, tensors) != network.network_dim:
+        raise UserError(f"{source} has rank {_dim_of(network.kind, tensors)}, the network {network.network_dim}: set "
+                        f"{where}.network_dim={_dim_of(network.kind, tensors)}")
+    network.load_lora_state_dict(tensors, source=source)
+
+
+def _module_mismatch(source: str, where: str, in_file: set[str], own: set[str], by_name: dict[str, str]) -> str:
+    """Which modules a file and the configured network disagree on, and the pattern that fixes each side."""
+    lines = [f"{source} holds other modules than the network {where}.* configures:"]
+    foreign = sorted(in_file - set(by_name))
+    if foreign:
+        lines.append(f"  {len(foreign)} module(s) of the file are no LoRA target of this model, e.g. {foreign[0]!r}: "
+                     "was it trained for another model or task? (model.task)")
+    extra = sorted(by_name[n] for n in in_file - own if n in by_name)
+    if extra:
+        trained = [by_name[n] for n in own]
+        pattern = covering_pattern(extra, trained)
+        lines.append(f"  {len(extra)} module(s) of the file are left out by the network's exclude patterns (e.g. "
+                     f"{extra[0]}); train them too with {where}.include_patterns: [{pattern!r}]")
+    missing = sorted(by_name[n] for n in own - in_file)
+    if missing:
+        kept = [by_name[n] for n in own & in_file]
+        pattern = covering_pattern(missing, kept)
+        lines.append(f"  {len(missing)} module(s) of the network are not in the file (e.g. {missing[0]}); leave them "
+                     f"out with {where}.exclude_patterns: [{pattern!r}]")
+    return "\n".join(lines)
 
 
 def _validate(cfg: Mapping[str, Any], where: str) -> None:

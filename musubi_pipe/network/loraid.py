@@ -223,10 +223,10 @@ def _units_of(allocation: Mapping | Iterable[UnitLike]) -> list[Unit]:
 
 
 def include_patterns(allocation_units: Mapping | Iterable[UnitLike], expert: str) -> list[str]:
-    """Full-match regexes selecting the allocated modules of `expert`, for network.targets.select_targets.
+    """Full-match regexes selecting the allocated modules of `expert` (a whitelist, as network.targets.filter_targets reads one).
 
     An empty list means this ID trains nothing on that expert: build no network for it (an empty include
-    list given to select_targets would select every module).
+    list given to filter_targets would select every module).
     """
     return [u.pattern() for u in _units_of(allocation_units) if u.expert == expert]
 

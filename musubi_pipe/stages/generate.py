@@ -8,8 +8,9 @@ Prompts come from `sampling.prompts` and `sampling.prompt_file` (musubi-tuner's 
 sampling.prompts), with the same per-prompt settings as the sample stage. Their embeddings use the
 store's text entries (the text encoder runs only for texts not encoded before). Each LoRA entry is
 `{path, multiplier (1.0), expert (both | high | low; Wan2.2 A14B), include_patterns, exclude_patterns}`;
-the patterns pick modules of that file by the network rule (include narrows, exclude removes; full
-match on the official module path). LoRAs are applied as hooks, unmerged; `sampling.merge_loras=true`
+the patterns pick modules of that file as musubi-tuner's inference filter does (include narrows,
+exclude removes; unlike training's rule, where include only re-admits excluded modules; full match on
+the official module path). LoRAs are applied as hooks, unmerged; `sampling.merge_loras=true`
 merges them into the DiT weights instead (faster steps, same result up to rounding). Two LoRAs that
 touch the same modules are reported with a warning listing them.
 
@@ -87,7 +88,7 @@ def _lora_network(family, dit, entry: dict, key: str):
     from musubi_pipe.network.formats import musubi_tensors
     from musubi_pipe.network.lora import lora_name
     from musubi_pipe.network.lora_file import load_lora_file
-    from musubi_pipe.network.targets import select_targets
+    from musubi_pipe.network.targets import filter_targets
 
     tensors, metadata = load_lora_file(entry["path"])
     tensors = musubi_tensors(tensors, metadata, source=entry["path"])
@@ -95,7 +96,7 @@ def _lora_network(family, dit, entry: dict, key: str):
     if entry.get("include_patterns") or entry.get("exclude_patterns"):
         stems = {k.split(".", 1)[0] for k in tensors}
         in_file = {o: m for o, m in targets.items() if lora_name(o) in stems}
-        kept = select_targets(in_file, entry.get("include_patterns") or [], entry.get("exclude_patterns") or [], where=key)
+        kept = filter_targets(in_file, entry.get("include_patterns") or [], entry.get("exclude_patterns") or [], where=key)
         names = {lora_name(o) for o in kept}
         tensors = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in names}
     network = network_from_weights(targets, tensors, multiplier=float(entry.get("multiplier", 1.0)), source=entry["path"])
