@@ -210,3 +210,43 @@ def test_diffusers_layout_needs_an_img_attn_qkv_module(dit):
     with pytest.raises(UserError, match="img_attn_qkv"):
         write_lora(canonical, "diffusers")
     assert write_lora(canonical, "official")  # the default layout takes any subset
+
+
+def test_default_targets_leave_modulation_out_as_musubi_tuner_does(dit):
+    from musubi_pipe.network.factory import build_network
+
+    targets = FAMILY.lora_targets(dit)
+    network = build_network(targets, {"network_dim": 4}, default_excludes=FAMILY.lora_default_excludes)
+    modulation = {o for o in targets if "mod" in o}
+    assert len(targets) == 26 and len(modulation) == 6
+    assert set(network.official_names) == set(targets) - modulation
+    readmitted = build_network(targets, {"network_dim": 4, "include_patterns": [".*(img_mod|txt_mod|modulation).*"]},
+                               default_excludes=FAMILY.lora_default_excludes)
+    assert set(readmitted.official_names) == set(targets)
+
+
+def test_layouts_that_comfyui_or_musubi_tuner_partly_ignore(dit):
+    """LoraNaming.ignored_by: what ComfyUI and musubi-tuner do with each layout (checked with their code)."""
+    modules = [o for o in FAMILY.lora_targets(dit) if "mod" not in o]
+    assert FAMILY.lora_naming.ignored_by("official", modules) == {"musubi-tuner": (sorted(modules), "musubi")}
+    lost, fix = FAMILY.lora_naming.ignored_by("musubi", modules)["ComfyUI"]
+    assert fix == "official" and len(lost) == 8 and all(".img_mlp." in m or ".txt_mlp." in m for m in lost)
+    assert set(FAMILY.lora_naming.ignored_by("musubi", modules)) == {"ComfyUI"}
+
+
+def test_training_guidance_is_passed_as_musubi_tuner_passes_it(dit, inputs):
+    """musubi: train_guidance_scale reaches the DiT unscaled; exact: x1000 as sampling's embedded guidance does."""
+    latents = torch.randn(1, 4, 2, 4, 4)
+    t = torch.tensor([0.4])
+    cfg = {"task": "tiny-t2v", "train_guidance_scale": 6.0}
+    musubi = FAMILY.training_inputs(cfg, latents, latents, t, t * 1000 + 1, {}, None, "musubi")
+    exact = FAMILY.training_inputs(cfg, latents, latents, t, t * 1000, {}, None, "exact")
+    assert musubi.cond["dit_guidance"].tolist() == [6.0] and exact.cond["dit_guidance"].tolist() == [6000.0]
+    text = [{"llm": inputs["encoder_hidden_states"][0], "clip_pooled": inputs["pooled_projections"][0]}]
+    x, ts = inputs["hidden_states"], inputs["timestep"]
+    with torch.no_grad():
+        sampled = FAMILY.predict(dit, x, ts, text, {"guidance": torch.tensor([6.0])})
+        trained_exact = FAMILY.predict(dit, x, ts, text, exact.cond)
+        trained_musubi = FAMILY.predict(dit, x, ts, text, musubi.cond)
+    assert torch.equal(sampled, trained_exact)
+    assert not torch.allclose(trained_musubi, trained_exact, atol=1e-4)

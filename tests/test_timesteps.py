@@ -13,7 +13,8 @@ from musubi_pipe.training.timestep_spec import (
     IDEOGRAM4_BOUNDS, METHODS, QINGLONG_MIXTURES, TimestepSpec, check_spec, resolution_shift,
 )
 from musubi_pipe.training.timesteps import (
-    draw_qinglong, loss_weights, mode_density_map, sample_t, sample_t_in, sample_timesteps, weighted_mse,
+    convention_notes, draw_qinglong, loss_weights, mode_density_map, model_timesteps, routing_offset, sample_t,
+    sample_t_in, sample_timesteps, weighted_mse,
 )
 
 N = 20_000
@@ -114,8 +115,11 @@ def test_method_follows_its_formula(method):
     cfg, cdf = CASES[method]
     t = _draw(_spec(timestep_sampling=method, **cfg))
     assert t.dtype == torch.float32 and t.shape == (N,) and t.device.type == "cpu"
-    assert float(t.min()) > 0 and float(t.max()) < 1
+    assert float(t.min()) >= 0 and float(t.max()) <= 1
     assert ks(t, cdf) < KS_LIMIT
+    exact = _draw(_spec(timestep_sampling=method, conventions="exact", **cfg))
+    assert float(exact.min()) > 0 and float(exact.max()) < 1  # exact keeps t off 0 and 1
+    assert ks(exact, cdf) < KS_LIMIT
 
 
 def test_ks_detects_a_wrong_formula():
@@ -169,33 +173,65 @@ def test_qinglong_proportions():
 
 # -- sigma ---------------------------------------------------------------------------------------
 
-def test_sigma_uses_the_1000_step_table_and_the_shift():
-    t = _draw(_spec(timestep_sampling="sigma", discrete_flow_shift=1.0)).double()
+def test_sigma_is_musubi_tuners_table():
+    """musubi: t is a table value k / 1000, k in 1..1000, the shift is ignored and min/max select the mirrored
+    range, as musubi-tuner's trainer does (convention_notes warns of both)."""
+    t = _draw(_spec(timestep_sampling="sigma", discrete_flow_shift=3.0))
+    steps = model_timesteps(t, _spec(timestep_sampling="sigma"))
+    assert torch.allclose(t.double() * 1000, steps.double(), atol=1e-3)
+    assert float(steps.min()) == 1.0 and float(steps.max()) == 1000.0
+    assert ks(t, lambda x: x) < KS_LIMIT  # unshifted
+    mirrored = _draw(_spec(timestep_sampling="sigma", min_timestep=0, max_timestep=300)).double()
+    assert float(mirrored.min()) > 0.7 and float(mirrored.max()) == 1.0  # t in (0.7, 1]
+    notes = convention_notes(_spec(timestep_sampling="sigma", min_timestep=0, max_timestep=300,
+                                   preserve_distribution_shape=True))
+    assert len(notes) == 3 and "has no effect" in notes[0] and "(700, 1000]" in notes[1]
+    assert convention_notes(_spec(timestep_sampling="sigma", discrete_flow_shift=1.0)) == []
+    assert convention_notes(_spec(timestep_sampling="sigma", conventions="exact")) == []
+
+
+def test_sigma_exact_uses_the_1000_step_table_and_the_shift():
+    t = _draw(_spec(timestep_sampling="sigma", discrete_flow_shift=1.0, conventions="exact")).double()
     steps = t * 1000
     assert torch.allclose(steps, steps.round(), atol=0.02)  # the table, 1..1000 (1000 kept just below 1)
     assert float(steps.min()) == pytest.approx(1.0, abs=0.02)
-    shifted = _draw(_spec(timestep_sampling="sigma", discrete_flow_shift=3.0)).double()
-    assert ks(shifted, lambda x: unshift(x, 3.0)) < KS_LIMIT  # musubi-tuner would ignore the shift here
+    shifted = _draw(_spec(timestep_sampling="sigma", discrete_flow_shift=3.0, conventions="exact")).double()
+    assert ks(shifted, lambda x: unshift(x, 3.0)) < KS_LIMIT  # musubi-tuner ignores the shift here
     assert torch.allclose(unshift(shifted, 3.0) * 1000, (unshift(shifted, 3.0) * 1000).round(), atol=0.05)
 
 
-def test_sigma_densities():
+@pytest.mark.parametrize("conventions", ["musubi", "exact"])
+def test_sigma_densities(conventions):
     spec = _spec(timestep_sampling="sigma", discrete_flow_shift=1.0, weighting_scheme="logit_normal",
-                 logit_mean=1.0, logit_std=1.0)
+                 logit_mean=1.0, logit_std=1.0, conventions=conventions)
     # the table descends, so logit_mean > 0 favours small t: t ~ sigmoid(-1 - z)
     assert ks(_draw(spec), logit_normal_cdf(-1.0, 1.0)) < KS_LIMIT
-    mode = _spec(timestep_sampling="sigma", discrete_flow_shift=1.0, weighting_scheme="mode", mode_scale=1.29)
+    mode = _spec(timestep_sampling="sigma", discrete_flow_shift=1.0, weighting_scheme="mode", mode_scale=1.29,
+                 conventions=conventions)
     assert ks(_draw(mode), mode_cdf(1.29)) < KS_LIMIT
     assert ks(_draw(mode), lambda x: x) > 3 * KS_LIMIT
 
 
-def test_sigma_range_is_not_mirrored():
-    base = {"timestep_sampling": "sigma", "discrete_flow_shift": 1.0, "min_timestep": 0, "max_timestep": 300}
+def test_sigma_range_is_not_mirrored_under_exact():
+    base = {"timestep_sampling": "sigma", "discrete_flow_shift": 1.0, "min_timestep": 0, "max_timestep": 300,
+            "conventions": "exact"}
     for preserve in (False, True):
         t = _draw(_spec(**base, preserve_distribution_shape=preserve))
         assert float(t.max()) <= 0.3 + 1e-6  # musubi-tuner selects t in (0.7, 1] here
     t = _draw(_spec(**base, preserve_distribution_shape=True))
     assert ks(t, lambda x: x / 0.3) < KS_LIMIT
+
+
+# -- model timesteps -----------------------------------------------------------------------------
+
+def test_model_timesteps_and_routing_offset():
+    t = torch.tensor([0.0, 0.25, 0.875, 0.9995])
+    assert torch.equal(model_timesteps(t, _spec()), t * 1000 + 1)  # musubi-tuner: 1000 t + 1
+    assert torch.equal(model_timesteps(t, _spec(conventions="exact")), t * 1000)
+    table = torch.tensor([0.001, 0.5, 0.875, 1.0])
+    assert torch.equal(model_timesteps(table, _spec(timestep_sampling="sigma")), torch.tensor([1.0, 500, 875, 1000]))
+    assert routing_offset(_spec()) == 0.001  # (1000 t + 1) / 1000 >= boundary
+    assert routing_offset(_spec(timestep_sampling="sigma")) == 0.0 and routing_offset(_spec(conventions="exact")) == 0.0
 
 
 # -- ranges --------------------------------------------------------------------------------------
@@ -265,14 +301,29 @@ def test_earlier_api_still_works():
 
 # -- loss ----------------------------------------------------------------------------------------
 
-def test_loss_weights():
+def test_loss_weights_exact():
     t = torch.tensor([0.25, 0.5, 1.0])
-    assert torch.allclose(loss_weights(t, _spec(weighting_scheme="sigma_sqrt")), torch.tensor([16.0, 4.0, 1.0]))
+    exact = {"conventions": "exact"}
+    assert torch.allclose(loss_weights(t, _spec(weighting_scheme="sigma_sqrt", **exact)), torch.tensor([16.0, 4.0, 1.0]))
     cosmap = [2 / (math.pi * (1 - 2 * s + 2 * s * s)) for s in (0.25, 0.5, 1.0)]
-    assert torch.allclose(loss_weights(t, _spec(weighting_scheme="cosmap")), torch.tensor(cosmap))
-    assert loss_weights(t, _spec(weighting_scheme="cosmap"))[1] == pytest.approx(4 / math.pi)
+    assert torch.allclose(loss_weights(t, _spec(weighting_scheme="cosmap", **exact)), torch.tensor(cosmap))
+    assert loss_weights(t, _spec(weighting_scheme="cosmap", **exact))[1] == pytest.approx(4 / math.pi)
     for scheme in ("none", "logit_normal", "mode"):
+        assert loss_weights(t, _spec(weighting_scheme=scheme, **exact)) is None
         assert loss_weights(t, _spec(weighting_scheme=scheme)) is None
+
+
+def test_loss_weights_musubi_use_the_scheduler_table():
+    """sigma is the table entry nearest 1000 t + 1 (ties to the larger), at least 0.001, in the DiT's dtype."""
+    t = torch.tensor([0.0, 0.2494, 0.4995, 0.999])
+    table_sigma = torch.tensor([0.001, 0.250, 0.501, 1.0])
+    weights = loss_weights(t, _spec(weighting_scheme="sigma_sqrt"))
+    assert torch.allclose(weights, table_sigma ** -2.0, rtol=1e-6)
+    bf16 = loss_weights(t, _spec(weighting_scheme="cosmap"), torch.bfloat16)
+    s = table_sigma.to(torch.bfloat16)
+    assert bf16.dtype == torch.float32 and torch.equal(bf16, (2 / (math.pi * (1 - 2 * s + 2 * s ** 2))).float())
+    sigma_method = loss_weights(torch.tensor([0.25, 1.0]), _spec(timestep_sampling="sigma", weighting_scheme="sigma_sqrt"))
+    assert torch.allclose(sigma_method, torch.tensor([16.0, 1.0]))
 
 
 def test_weighted_mse():
@@ -297,6 +348,7 @@ def test_spec_defaults_and_checks():
     assert (spec.timestep_sampling, spec.discrete_flow_shift, spec.sigmoid_scale) == ("shift", 3.0, 1.0)
     assert (spec.min_timestep, spec.max_timestep, spec.preserve_distribution_shape) == (0, 1000, False)
     assert (spec.weighting_scheme, spec.logit_mean, spec.logit_std, spec.mode_scale) == ("none", 0.0, 1.0, 1.29)
+    assert spec.conventions == "musubi" and spec.musubi
     assert check_spec({}) == []
     assert check_spec({"timestep_sampling": "sigma", "weighting_scheme": "mode"}) == []
 
@@ -312,6 +364,7 @@ def test_spec_defaults_and_checks():
     assert keys({"discrete_flow_shift": -1.0}) == ["training.discrete_flow_shift"]
     assert keys({"logit_std": 0.0}) == ["training.logit_std"]
     assert keys({"preserve_distribution_shape": "yes"}) == ["training.preserve_distribution_shape"]
+    assert keys({"conventions": "musubi-tuner"}) == ["training.conventions"]
     assert keys({"timestep_sampling": "sigma", "weighting_scheme": "mode", "mode_scale": 3.0}) == ["training.mode_scale"]
     [(key, message)] = check_spec({"weighting_scheme": "logit_normal", "timestep_sampling": "shift"})
     assert key == "training.weighting_scheme" and "has no effect unless timestep_sampling=sigma" in message

@@ -110,6 +110,7 @@ SCHEMA: dict[str, dict] = {
         "logit_mean": "float",
         "logit_std": "float",
         "mode_scale": "float",
+        "conventions": "str",  # musubi | exact, checked by training.timestep_spec.check_spec
         "show_timesteps": "bool",
         "validation_split": "float",
         "validate_every_n_steps": "int?",

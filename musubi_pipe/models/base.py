@@ -67,7 +67,7 @@ def active_experts(experts: list, which: str) -> list:
 class TrainingInputs:
     """What one training step feeds the DiT and compares its output with.
 
-    noisy [B, C, F, H, W]; timesteps [B] on the model's 0..1000 scale; target like noisy; mask None
+    noisy [B, C, F, H, W]; timesteps [B] on the model's 0..1000 scale (musubi: up to 1001); target like noisy; mask None
     or a tensor broadcastable to target (1 = counts in the loss); cond: conditioning tensors for
     `Family.predict` (e.g. image latents), batched.
     """
@@ -127,6 +127,11 @@ class LoraNaming(Protocol):
 
     def diffusers_problems(self, modules) -> list[str]:
         """Why a LoRA on these official modules cannot be written for diffusers (empty: it can)."""
+
+    def ignored_by(self, save_format: str, modules) -> dict[str, tuple[list[str], str]]:
+        """{consumer: (the modules of a file in `save_format` it leaves unapplied, the format it loads fully)} for
+        ComfyUI and musubi-tuner (its --network_weights, generate and merge read `lora_unet_` keys only); checked with
+        their own code, docs/training.md's table. Empty: both apply every module."""
 
 
 class Family(Protocol):
@@ -189,11 +194,19 @@ class Family(Protocol):
     def model_size(self, model_cfg: dict) -> str:
         """The size class memory presets key their tables by: "wan_14b", "wan_1.3b", "hunyuan_video", "tiny", ..."""
 
-    def lora_targets(self, dit) -> dict[str, Any]:
-        """Return {official module name: torch.nn.Linear} of the modules a LoRA trains by default."""
+    # musubi-tuner's default exclude patterns for this architecture, always appended to network.exclude_patterns
+    lora_default_excludes: tuple[str, ...]
 
-    def training_inputs(self, model_cfg: dict, latents, noise, t, cached: dict, generator) -> TrainingInputs:
-        """Build one step's inputs from clean latents, noise, t [B] in (0, 1) and the items' cached extras."""
+    def lora_targets(self, dit) -> dict[str, Any]:
+        """Return {official module name: torch.nn.Linear} of the LoRA candidates: every Linear of the blocks
+        musubi-tuner's network module wraps (lora_default_excludes and the network patterns choose among them)."""
+
+    def training_inputs(self, model_cfg: dict, latents, noise, t, timesteps, cached: dict, generator,
+                        conventions: str = "musubi") -> TrainingInputs:
+        """Build one step's inputs from clean latents, noise, t [B] in [0, 1], the model timesteps [B] the loop
+        computed for them (training.conventions; TrainingInputs.timesteps is usually these) and the items' cached
+        extras. `conventions` ("musubi" or "exact") is for what else musubi-tuner computes its own way (e.g.
+        HunyuanVideo's training guidance)."""
 
     def predict(self, dit, noisy_latents, timesteps, text_embeds: list, cond: dict | None = None) -> Any:
         """Run the DiT: noisy latents [B, C, F, H, W], timesteps [B] in [0, 1000], text embeddings per item

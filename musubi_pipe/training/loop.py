@@ -1,13 +1,15 @@
 """The LoRA training loop. Reads top to bottom: setup, train, save_checkpoint, load_checkpoint, cleanup.
 
-Rectified flow: x_t = (1 - t) x0 + t noise, target = noise - x0, the DiT sees timestep 1000 t (the
-family builds the inputs, e.g. adds image conditioning). Only the LoRA is trained; the DiT is frozen.
+Rectified flow: x_t = (1 - t) x0 + t noise, target = noise - x0; the DiT sees the model timestep of
+`training.conventions` (musubi-tuner's 1000 t + 1 by default, timesteps.model_timesteps); the family
+builds the inputs (e.g. adds image conditioning). Only the LoRA is trained; the DiT is frozen.
 Noise and timesteps come from one torch.Generator whose state is checkpointed with the optimizer,
 scheduler and data position, so a killed run that is re-run continues exactly where it stopped.
 
 Models with several experts (Wan2.2 A14B): `training.experts` picks which are trained (both, high or
-low). Each batch draws the first item's t, routes it to its expert (models.base.route) and redraws
-the other items' t until they fall in the same expert's range, as musubi-tuner does. Each expert
+low). Each batch draws the first item's t, routes it to its expert (models.base.route, on the model
+timestep / 1000 as musubi-tuner does) and redraws the other items' t until they fall in the same
+expert's range. Each expert
 gets its own LoRA (one file per expert, what ComfyUI's Wan2.2 workflows load) unless
 `training.shared_expert_lora` trains one LoRA on both. `memory.offload_inactive_dit` keeps the
 expert that is not in use on the CPU.
@@ -26,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from musubi_pipe.network.factory import build_network, param_groups
+from musubi_pipe.network.factory import build_network, load_network_weights, param_groups
 from musubi_pipe.network.loraid import allocation_from_config, modules_by_expert
 from musubi_pipe.errors import UserError
 from musubi_pipe.pipeline.distributed import Dist, fsdp_requested, shard_frozen
@@ -40,7 +42,15 @@ from musubi_pipe.models.base import active_experts, route
 from musubi_pipe.models.experts import ExpertDits
 from musubi_pipe.memory import load_dit
 from musubi_pipe.memory.settings import blocks_to_swap
-from musubi_pipe.training.timesteps import TimestepSpec, loss_weights, sample_timesteps, weighted_mse
+from musubi_pipe.training.timesteps import (
+    TimestepSpec,
+    convention_notes,
+    loss_weights,
+    model_timesteps,
+    routing_offset,
+    sample_timesteps,
+    weighted_mse,
+)
 from musubi_pipe.training.validation import VALIDATION_TIMESTEPS, noise_seed, slice_records, split_records
 
 log = logging.getLogger("musubi_pipe")
@@ -115,21 +125,24 @@ class Trainer:
         shared = len(self.experts) > 1 and train.get("shared_expert_lora", False)
         # {file name suffix: network}: one entry per trained LoRA file ("" = no suffix)
         self.networks: dict[str, LoRANetwork] = {}
+        candidates = {}  # file name suffix -> the model's LoRA candidates (for network_weights errors)
         for expert in self.experts:
             targets = self.family.lora_targets(self.dits[expert.name])
+            candidates.setdefault("" if shared else expert.name, list(targets))
             if self.loraid is not None:
                 own = dict(self.loraid, units=[u for u in self.loraid["units"] if u[0] == expert.name])
                 modules = modules_by_expert(own, {expert.name: list(targets)})[expert.name]
                 targets = {m: targets[m] for m in modules}
-            network = build_network(targets, net)
+            network = build_network(targets, net, default_excludes=self.family.lora_default_excludes)
             if shared and self.networks:
                 network.tie_to(self.networks[""])
             self.networks.setdefault("" if shared else expert.name, network)
             self._expert_networks[expert.name] = network
         if net.get("network_weights"):
             tensors, _ = read_lora_file(net["network_weights"])
-            for network in self.networks.values():
-                network.load_lora_state_dict(tensors, source=f"network.network_weights={net['network_weights']}")
+            for suffix, network in self.networks.items():
+                load_network_weights(network, tensors, candidates[suffix],
+                                     f"network.network_weights={net['network_weights']}")
         for network in self._expert_networks.values():
             network.to(self.device, torch.float32)
             network.apply_to()
@@ -148,6 +161,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, opt, self.max_steps)
         self.generator = torch.Generator().manual_seed(train["seed"])
         self.timestep_spec = TimestepSpec.from_config(train)
+        for note in convention_notes(self.timestep_spec):
+            log.warning("train: %s", note)
         self.autocast = _autocast(self.device, train["mixed_precision"])
         latest = ckpt.complete_checkpoints(self.checkpoint_dir)
         if latest:
@@ -286,12 +301,15 @@ class Trainer:
         return self._orders[epoch]
 
     def sample_timesteps(self, n: int, latent_hw: tuple[int, int]):
-        """Return (expert, t [n]) for one batch: t in the trained experts' range, all items on one expert."""
-        low, high = _span(self.experts)
+        """Return (expert, t [n]) for one batch: t in the trained experts' range, all items on one expert.
+
+        Experts are routed on model timestep / 1000, which is t + routing_offset (musubi: 1000 t + 1)."""
+        offset = routing_offset(self.timestep_spec)
+        low, high = _span(self.experts, offset)
         t = sample_timesteps(n, self.timestep_spec, latent_hw, self.generator, low, high)
-        expert = route(self.experts, float(t[0]))
+        expert = route(self.experts, float(t[0]) + offset)
         if len(self.experts) > 1 and n > 1:
-            low, high = _span([expert])
+            low, high = _span([expert], offset)
             t = torch.cat([t[:1], sample_timesteps(n - 1, self.timestep_spec, latent_hw, self.generator, low, high)])
         return expert, t
 
@@ -306,7 +324,8 @@ class Trainer:
         expert, t = self.sample_timesteps(len(batch), tuple(latents.shape[-2:]))
         self.expert_steps[expert.name] = self.expert_steps.get(expert.name, 0) + 1
         self.recent_timesteps.append(t)
-        return self._loss(latents, cached, embeds, noise, t, expert, loss_weights(t, self.timestep_spec))
+        return self._loss(latents, cached, embeds, noise, t, expert,
+                          loss_weights(t, self.timestep_spec, self.dit_dtype))
 
     def _load_batch(self, batch: list[dict]):
         """(latents, cached conditioning, text embeddings on the device) of a batch of index records."""
@@ -342,7 +361,9 @@ class Trainer:
                                   for k, v in e.items()} for e in embeds]
 
     def _loss(self, latents, cached, embeds, noise, t, expert, weights) -> torch.Tensor:
-        inputs = self.family.training_inputs(self.model_cfg, latents, noise, t, cached, self.generator)
+        spec = self.timestep_spec
+        inputs = self.family.training_inputs(self.model_cfg, latents, noise, t, model_timesteps(t, spec), cached,
+                                             self.generator, spec.conventions)
         cond = {k: v.to(self.device) for k, v in inputs.cond.items()}  # predict casts them for the model
         with self.autocast:
             pred = self.family.predict(self.dits.get(expert.name), inputs.noisy.to(self.device, self.dit_dtype),
@@ -356,7 +377,8 @@ class Trainer:
         with fixed noise per item and dropouts off; None without held-out items."""
         if not self.validation_records:
             return None
-        low, high = _span(self.experts)
+        offset = routing_offset(self.timestep_spec)
+        low, high = _span(self.experts, offset)
         times = [t for t in VALIDATION_TIMESTEPS if low <= t <= high]
         for network in self.networks.values():
             network.eval()
@@ -367,7 +389,8 @@ class Trainer:
             noise = torch.randn(latents.shape, generator=self.generator)
             for value in times:
                 t = torch.tensor([value])
-                total += float(self._loss(latents, cached, embeds, noise, t, route(self.experts, value), None))
+                expert = route(self.experts, value + offset)
+                total += float(self._loss(latents, cached, embeds, noise, t, expert, None))
                 count += 1
         for network in self.networks.values():
             network.train()
@@ -490,11 +513,13 @@ def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in params]
 
 
-def _span(experts: list) -> tuple[float, float]:
-    """The t range [low, high] the experts cover; a range open at its top stops just below it."""
+def _span(experts: list, offset: float = 0.0) -> tuple[float, float]:
+    """The t range [low, high] whose routing time t + offset the experts cover; a range open at its top stops just
+    below it. The ends 0 and 1 stay: every t in [0, 1] is some expert's."""
     low = min(e.t_min for e in experts)
     top = max(e.t_max for e in experts)
-    return low, (1.0 if top >= 1.0 else math.nextafter(top, 0.0))
+    low = max(low - offset, 0.0) if low > 0.0 else 0.0
+    return low, (1.0 if top >= 1.0 else math.nextafter(top - offset, 0.0))
 
 
 def _autocast(device: str, mixed_precision: str):

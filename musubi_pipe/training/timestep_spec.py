@@ -16,6 +16,9 @@ log = logging.getLogger("musubi_pipe")
 METHODS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "flux2_shift", "qwen_shift", "krea2_shift",
            "ideogram4_shift", "logsnr", "qinglong_flux", "qinglong_qwen")
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap", "logit_normal", "mode")
+# training.conventions: "musubi" computes what musubi-tuner computes (model timestep 1000 t + 1, loss weights from
+# its scheduler table, its `sigma` method); "exact" is this project's earlier arithmetic (timesteps.py docstring)
+CONVENTIONS = ("musubi", "exact")
 DENSITY_SCHEMES = ("logit_normal", "mode")  # shape the sigma method's density; no loss weight
 LOSS_WEIGHT_SCHEMES = ("sigma_sqrt", "cosmap")
 
@@ -52,6 +55,7 @@ DEFAULTS = {
     "logit_mean": 0.0,
     "logit_std": 1.0,
     "mode_scale": 1.29,
+    "conventions": "musubi",
 }
 
 
@@ -69,6 +73,12 @@ class TimestepSpec:
     logit_mean: float = DEFAULTS["logit_mean"]
     logit_std: float = DEFAULTS["logit_std"]
     mode_scale: float = DEFAULTS["mode_scale"]
+    conventions: str = DEFAULTS["conventions"]
+
+    @property
+    def musubi(self) -> bool:
+        """Whether training.conventions is musubi-tuner's."""
+        return self.conventions == "musubi"
 
     @classmethod
     def from_config(cls, training_cfg: Mapping) -> TimestepSpec:
@@ -134,6 +144,9 @@ def _value_problems(v: dict) -> list[tuple[str, str]]:
     problems = []
     if v["timestep_sampling"] not in METHODS:
         problems.append(("timestep_sampling", f"is {v['timestep_sampling']!r}; choose one of {list(METHODS)}"))
+    if v["conventions"] not in CONVENTIONS:
+        problems.append(("conventions", f"is {v['conventions']!r}; choose musubi (musubi-tuner's numbers, the default) "
+                                        "or exact (docs/training.md, 'Conventions')"))
     if v["weighting_scheme"] not in WEIGHTING_SCHEMES:
         problems.append(("weighting_scheme", f"is {v['weighting_scheme']!r}; choose one of {list(WEIGHTING_SCHEMES)}"))
     for key in ("discrete_flow_shift", "sigmoid_scale", "min_timestep", "max_timestep", "logit_mean", "logit_std",
@@ -154,6 +167,27 @@ def _value_problems(v: dict) -> list[tuple[str, str]]:
         problems.append(("mode_scale", f"is {v['mode_scale']}; the mode density needs {low:g} <= mode_scale <= "
                                        f"{high:.3f} (1.29 is the SD3 value)"))
     return [(f"training.{key}", msg) for key, msg in problems]
+
+
+def convention_notes(spec: TimestepSpec) -> list[str]:
+    """What musubi-tuner's `sigma` method does with these settings that a user may not expect (logged as warnings
+    when training starts; training.conventions=exact avoids each)."""
+    if not spec.musubi or spec.timestep_sampling != "sigma":
+        return []
+    notes = []
+    if spec.discrete_flow_shift != 1.0:
+        notes.append(f"training.discrete_flow_shift={spec.discrete_flow_shift:g} has no effect with "
+                     "timestep_sampling=sigma, as in musubi-tuner (its training table is never shifted); use "
+                     "timestep_sampling=shift, or training.conventions=exact to shift the table")
+    if (spec.min_timestep, spec.max_timestep) != (0, 1000):
+        low, high = 1000 - spec.max_timestep, 1000 - spec.min_timestep
+        notes.append(f"training.min_timestep/max_timestep={spec.min_timestep:g}/{spec.max_timestep:g} with "
+                     f"timestep_sampling=sigma train timesteps ({low:g}, {high:g}], the mirrored range, as musubi-tuner "
+                     "does (it indexes a descending table); use another method, or training.conventions=exact")
+        if spec.preserve_distribution_shape:
+            notes.append("training.preserve_distribution_shape has no effect with timestep_sampling=sigma (as in "
+                         "musubi-tuner)")
+    return notes
 
 
 def _effect_problems(v: dict) -> list[tuple[str, str]]:

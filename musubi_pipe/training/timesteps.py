@@ -1,7 +1,7 @@
 """Timestep sampling and loss weighting for rectified-flow training, with musubi-tuner's semantics.
 
-Rectified flow: x_t = (1 - t) x0 + t noise, the target is noise - x0, t = 1 is pure noise. The model
-sees timestep 1000 t (the caller multiplies).
+Rectified flow: x_t = (1 - t) x0 + t noise, the target is noise - x0, t = 1 is pure noise. The DiT sees the
+model timestep `model_timesteps(t, spec)`, which depends on training.conventions (below).
 
 Notation: u ~ U(0, 1), z ~ N(0, 1), sigmoid(x) = 1 / (1 + e^-x), s = training.sigmoid_scale,
 S = training.discrete_flow_shift, (h, w) = the latent height and width (the last two dims of the cached
@@ -24,43 +24,49 @@ Methods (training.timestep_sampling):
   qinglong_qwen    per sample: 95% qwen_shift,  0% logsnr(logit_mean, logit_std),  5% logsnr(5.36, 1.0)
                    (current musubi-tuner shares; earlier versions used 80 / 7.5 / 12.5 for both)
   sigma            v drawn from the weighting_scheme density, then musubi-tuner's 1000-step table
-                   [1000, 999, ..., 1] / 1000 indexed by floor(1000 v):  t0 = (1000 - floor(1000 v)) / 1000,
-                   t = shift_S(t0). Densities: logit_normal v = sigmoid(logit_mean + logit_std z);
-                   mode v = 1 - u - mode_scale (cos(pi u / 2)^2 - 1 + u); otherwise v = u. Because the
-                   table descends, logit_mean > 0 favours small t (low noise), as in musubi-tuner and SD3.
+                   [1000, 999, ..., 1] / 1000: t = table[floor(1000 v)] = (1000 - floor(1000 v)) / 1000
+                   (conventions=exact: t = shift_S of that). Densities: logit_normal v = sigmoid(logit_mean +
+                   logit_std z); mode v = 1 - u - mode_scale (cos(pi u / 2)^2 - 1 + u); otherwise v = u. Because
+                   the table descends, logit_mean > 0 favours small t (low noise), as in musubi-tuner and SD3.
                    mode needs -1 <= mode_scale <= 1 / (pi/2 - 1) ~ 1.75 to stay a density on [0, 1].
 
-Timestep range, for every method (training.min_timestep, max_timestep in 0..1000, a = min/1000, b = max/1000):
+Timestep range (training.min_timestep, max_timestep in 0..1000, a = min/1000, b = max/1000), every method but
+musubi's sigma:
   default                           t <- a + t (b - a)     (affine squash; changes the shape)
   preserve_distribution_shape=true  draws outside [a, b] are redrawn (up to 1000 rounds; what is still
                                     outside then is drawn again and squashed, with a warning)
-Every t is finally kept in [1e-5, 1 - 1e-5] so loss weights stay finite.
+musubi's sigma indexes the table with floor(v (max - min) + min), which selects the mirrored range
+t in (1 - b, 1 - a], and ignores preserve_distribution_shape (convention_notes warns of both).
 
 Expert range (Wan2.2 A14B; `low`, `high` of `sample_timesteps`): draws outside [low, high] are redrawn
 (up to 100 rounds, then clamped), keeping the method's shape inside the range.
 
-Loss weights (training.weighting_scheme), with sigma = t:
+Loss weights (training.weighting_scheme) of sigma:
   sigma_sqrt  w = sigma^-2
   cosmap      w = 2 / (pi (1 - 2 sigma + 2 sigma^2))
   none, logit_normal, mode: no weight. logit_normal and mode only shape the `sigma` method's density
   (musubi-tuner ignores them for every other method; `check_spec` reports that).
 The loss is mean(w * (pred - target)^2), the weight broadcast per sample (`weighted_mse`).
 
-Differences from musubi-tuner (on purpose):
-  - sigma: discrete_flow_shift is applied (t = shift_S(t0)). musubi-tuner's training sigma table is never
-    shifted (the shift only reaches its inference schedule), so there the value is silently ignored.
-  - sigma: min/max_timestep restrict t itself to [min, max] / 1000, by the squash or the rejection above,
-    like every other method. musubi-tuner indexes its descending table with floor(v (max - min) + min),
-    which selects the mirrored range t in (1 - max/1000, 1 - min/1000]; it also ignores
-    preserve_distribution_shape there. With the defaults (0, 1000, S = 1) both give the same t.
-  - The model timestep is 1000 t. musubi-tuner passes 1000 t + 1 for every method except sigma (where it
-    passes the table value, 1000 t).
-  - Loss weights use sigma = t exactly; musubi-tuner looks up the table entry nearest 1000 t + 1.
+training.conventions (what each changes; docs/training.md has the same table):
+                          musubi (default): musubi-tuner's numbers    exact: this project's earlier arithmetic
+  model timestep          1000 t + 1 (sigma method: the table value,  1000 t
+                          1000 t)
+  loss-weight sigma       the scheduler-table entry nearest the model  t
+                          timestep (1/1000 steps, >= 0.001), in the
+                          DiT's dtype
+  Wan2.2 expert routing   model timestep / 1000 >= boundary            t >= boundary
+  sigma method            table value, no shift, min/max mirrored     shift_S applied, min/max restrict t
+  final clamp             none                                          t kept in [1e-5, 1 - 1e-5]
+  (families: HunyuanVideo's training guidance is passed unscaled under musubi, x1000 under exact.)
+
+Differences from musubi-tuner that remain under both conventions:
   - preserve_distribution_shape fallback: only the samples still outside are replaced (squashed fresh
     draws); musubi-tuner falls back to an unrestricted draw of the whole batch.
   - Defaults: timestep_sampling "shift" and discrete_flow_shift 3.0 (musubi-tuner: "sigma" and 1.0).
   - Not implemented: --num_timestep_buckets (stratified draws). The random stream differs (e.g. qinglong
-    draws every component for every sample, then picks), so draws match in distribution, not bit for bit.
+    draws every component for every sample, then picks), so draws match in distribution, not bit for bit;
+    given the same t the model timestep, noisy input, target and loss weight are musubi-tuner's.
 
 Reproducibility: every draw comes from the `generator` argument, on the CPU, so the same generator state
 gives the same timesteps.
@@ -75,6 +81,7 @@ from collections.abc import Callable
 import torch
 
 from musubi_pipe.training.timestep_spec import (
+    CONVENTIONS,
     EXPERT_TRIES,
     IDEOGRAM4_BOUNDS,
     IDEOGRAM4_STD,
@@ -86,9 +93,13 @@ from musubi_pipe.training.timestep_spec import (
     SIGMA_STEPS,
     T_EPS,
     TimestepSpec,
+    convention_notes,
     ideogram4_mean,
     resolution_shift,
 )
+
+__all__ = ["CONVENTIONS", "TimestepSpec", "convention_notes", "loss_weights", "model_timesteps", "routing_offset",
+           "sample_timesteps", "weighted_mse"]
 
 log = logging.getLogger("musubi_pipe")
 
@@ -128,6 +139,9 @@ def _sigma(n: int, spec: TimestepSpec, generator) -> torch.Tensor:
         v = mode_density_map(_uniform(n, generator), spec.mode_scale)
     else:
         v = _uniform(n, generator)
+    if spec.musubi:  # musubi-tuner: the timestep range indexes the (descending) table; no shift
+        index = torch.floor(v * (spec.max_timestep - spec.min_timestep) + spec.min_timestep)
+        return (SIGMA_STEPS - index.clamp(0, SIGMA_STEPS - 1)) / SIGMA_STEPS
     index = torch.floor(v * SIGMA_STEPS).clamp(0, SIGMA_STEPS - 1)
     return shift_t((SIGMA_STEPS - index) / SIGMA_STEPS, spec.discrete_flow_shift)
 
@@ -190,6 +204,8 @@ def _draw_in_timestep_range(n: int, spec: TimestepSpec, latent_hw, generator) ->
         return draw_method(k, spec, latent_hw, generator)
 
     t = draw(n)
+    if spec.musubi and spec.timestep_sampling == "sigma":
+        return t  # the range is applied to the table index (_sigma); t >= 0.001
     a, b = spec.t_range
     if a > 0.0 or b < 1.0:
         if not spec.preserve_distribution_shape:
@@ -201,7 +217,7 @@ def _draw_in_timestep_range(n: int, spec: TimestepSpec, latent_hw, generator) ->
                             "squashed into the range instead (preserve_distribution_shape)", int(outside.sum()), n,
                             spec.timestep_sampling, a, b, PRESERVE_ROUNDS)
                 t[outside] = _squash(draw(int(outside.sum())), spec)
-    return t.clamp(T_EPS, 1 - T_EPS)
+    return t if spec.musubi else t.clamp(T_EPS, 1 - T_EPS)
 
 
 def sample_timesteps(n: int, spec: TimestepSpec, latent_hw: tuple[int, int] | None, generator: torch.Generator,
@@ -210,7 +226,7 @@ def sample_timesteps(n: int, spec: TimestepSpec, latent_hw: tuple[int, int] | No
 
     `latent_hw` (latent height, width) is needed by the resolution-aware methods. [low, high] restricts t
     to an expert's range (Wan2.2) by redrawing what falls outside, up to 100 rounds, then clamping.
-    The model timestep is 1000 t.
+    The DiT sees `model_timesteps(t, spec)`.
     """
     t = _draw_in_timestep_range(n, spec, latent_hw, generator)
     if low > 0.0 or high < 1.0:
@@ -222,14 +238,43 @@ def sample_timesteps(n: int, spec: TimestepSpec, latent_hw: tuple[int, int] | No
 
 # -- loss ----------------------------------------------------------------------------------------
 
-def loss_weights(t: torch.Tensor, spec: TimestepSpec) -> torch.Tensor | None:
-    """Per-sample loss weights for t [B] (sigma = t), or None when the scheme does not weight the loss."""
-    sigma = t.float()
+def model_timesteps(t: torch.Tensor, spec: TimestepSpec) -> torch.Tensor:
+    """The timesteps [B] the DiT sees for t [B] (float32): musubi 1000 t + 1 (sigma method: the table value
+    1000 t, an integer), exact 1000 t."""
+    scaled = t.float() * SIGMA_STEPS
+    if not spec.musubi:
+        return scaled
+    if spec.timestep_sampling == "sigma":
+        return torch.round(scaled)
+    return scaled + 1
+
+
+def routing_offset(spec: TimestepSpec) -> float:
+    """model_timesteps(t) / 1000 - t: what Wan2.2's expert routing adds to t before comparing it with the boundary."""
+    return 1.0 / SIGMA_STEPS if spec.musubi and spec.timestep_sampling != "sigma" else 0.0
+
+
+def loss_weights(t: torch.Tensor, spec: TimestepSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """Per-sample loss weights (float32) for t [B], or None when the scheme does not weight the loss.
+
+    exact: sigma = t. musubi: sigma is the entry of musubi-tuner's scheduler table nearest the model timestep
+    (ties to the larger), held in `dtype` (the DiT's) as musubi-tuner computes the weights."""
+    if spec.weighting_scheme not in ("sigma_sqrt", "cosmap"):
+        return None
+    if spec.musubi:
+        step = torch.floor(model_timesteps(t, spec).double() + 0.5).clamp(1, SIGMA_STEPS).long()
+        sigma = _scheduler_sigmas()[SIGMA_STEPS - step].to(dtype)
+    else:
+        sigma = t.float()
     if spec.weighting_scheme == "sigma_sqrt":
-        return sigma ** -2.0
-    if spec.weighting_scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))
-    return None
+        return (sigma ** -2.0).float()
+    return (2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))).float()
+
+
+def _scheduler_sigmas() -> torch.Tensor:
+    """musubi-tuner's training scheduler sigmas: linspace(1, 0, 1001) in float32; entry i goes with timestep
+    1000 - i."""
+    return torch.linspace(1, 0, SIGMA_STEPS + 1)
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,

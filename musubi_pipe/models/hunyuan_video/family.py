@@ -5,9 +5,9 @@ have (loading.py, locate.py, keymap.py), the LLaVA-Llama-3 LLM and CLIP-L text e
 (text.py). This module never imports torch at import time; loaders are imported inside the methods.
 
 Conditioning: the DiT takes the LLM's hidden states (with their attention mask), CLIP-L's pooled output and an
-embedded guidance scale (×1000, as diffusers' and musubi-tuner's pipelines pass it). Training uses
-`model.train_guidance_scale` (musubi-tuner's `--guidance_scale`, default 1.0), sampling
-`sampling.embedded_guidance_scale` (default 6.0; SkyReels 1.0). SkyReels V1 I2V concatenates the start
+embedded guidance scale. Sampling passes `sampling.embedded_guidance_scale` (default 6.0; SkyReels 1.0) ×1000, as
+diffusers' and musubi-tuner's pipelines do. Training passes `model.train_guidance_scale` (musubi-tuner's
+`--guidance_scale`, default 1.0) unscaled, as musubi-tuner's trainer does; ×1000 with training.conventions=exact. SkyReels V1 I2V concatenates the start
 image's latents, zero-padded over the frames, to the noisy latents (32 input channels).
 """
 
@@ -45,6 +45,8 @@ class HunyuanVideoFamily:
     # memory.fp8_base stores the Linears of the double and single blocks except their modulation
     # (diffusers' norm1.linear, norm1_context.linear, norm.linear)
     fp8_layers = (("transformer_blocks.",), ("norm",))
+    # musubi-tuner's networks/lora.py: modulation is never trained unless include_patterns re-admit it
+    lora_default_excludes = (r".*(img_mod|txt_mod|modulation).*",)
     model_keys = {
         "text_encoder1": "str",  # LLaVA-Llama-3: ComfyUI llava_llama3_fp16.safetensors or the official text_encoder/
         "text_encoder2": "str",  # CLIP-L: ComfyUI clip_l.safetensors or the official text_encoder_2/
@@ -182,7 +184,8 @@ class HunyuanVideoFamily:
         return "tiny" if get_task(model_cfg.get("task")).tiny else "hunyuan_video"
 
     def lora_targets(self, dit) -> dict:
-        """{official name: nn.Linear, or FusedLinear of the diffusers parts of a fused official module}."""
+        """{official name: nn.Linear, or FusedLinear of the diffusers parts of a fused official module} of every
+        Linear of the double and single blocks (modulation included; lora_default_excludes leaves it out)."""
         from musubi_pipe.network.fused import FusedLinear
 
         modules = dict(dit.named_modules())
@@ -194,13 +197,16 @@ class HunyuanVideoFamily:
         return targets
 
     # -- training and sampling ----------------------------------------------------------------
-    def training_inputs(self, model_cfg: dict, latents, noise, t, cached: dict, generator) -> TrainingInputs:
+    def training_inputs(self, model_cfg: dict, latents, noise, t, timesteps, cached: dict, generator,
+                        conventions: str = "musubi") -> TrainingInputs:
         import torch
 
         t_b = t.view(-1, 1, 1, 1, 1).to(latents)
         guidance = torch.full((latents.shape[0],), float(model_cfg.get("train_guidance_scale", 1.0)))
-        return TrainingInputs(noisy=(1 - t_b) * latents + t_b * noise, timesteps=t * 1000, target=noise - latents,
-                              cond={"guidance": guidance})
+        # musubi-tuner passes --guidance_scale to the DiT as it is in training (x1000 only when sampling)
+        dit_guidance = guidance if conventions == "musubi" else guidance * 1000.0
+        return TrainingInputs(noisy=(1 - t_b) * latents + t_b * noise, timesteps=timesteps, target=noise - latents,
+                              cond={"dit_guidance": dit_guidance})
 
     def predict(self, dit, noisy_latents, timesteps, text_embeds: list, cond: dict | None = None):
         import torch
@@ -217,10 +223,12 @@ class HunyuanVideoFamily:
         if "latents_image" in cond:
             x = torch.cat([x, cond["latents_image"].to(device, dtype).expand(x.shape[0], -1, -1, -1, -1)], dim=1)
         batch = x.shape[0]
-        guidance = cond.get("guidance")
-        if guidance is None:
-            guidance = torch.ones(batch)
-        guidance = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(batch).to(device) * 1000.0
+        if "dit_guidance" in cond:  # training: the value the DiT sees (training_inputs)
+            guidance = torch.as_tensor(cond["dit_guidance"], dtype=torch.float32).reshape(-1).expand(batch).to(device)
+        else:  # sampling: the embedded guidance scale, x1000 as diffusers' and musubi-tuner's pipelines pass it
+            guidance = cond.get("guidance")
+            guidance = torch.ones(batch) if guidance is None else guidance
+            guidance = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(batch).to(device) * 1000.0
         out = dit(hidden_states=x, timestep=timesteps.to(device), encoder_hidden_states=llm.to(device, dtype),
                   encoder_attention_mask=mask, pooled_projections=pooled.to(device, dtype),
                   guidance=guidance.to(dtype), return_dict=False)[0]

@@ -24,7 +24,7 @@ from musubi_pipe.models.wan.locate import check_dit, check_vae, locate_dit, loca
 from musubi_pipe.models.wan.names import LORA_NAMING, official_module_name
 from musubi_pipe.models.wan.tasks import WanTask, get_task
 
-TINY_VERSION = 4  # bump when tiny.py changes what it writes
+TINY_VERSION = 5  # bump when tiny.py changes what it writes
 DEFAULT_FIRST_FRAME_RATIO = 0.5
 
 # the model config key holding each expert's weights ("" = the only DiT)
@@ -63,6 +63,8 @@ class WanFamily:
     # memory.fp8_base stores the Linears inside the blocks; modulation (scale_shift_table), norms,
     # embeddings and the head stay in the DiT's dtype (musubi-tuner's Wan targets and excludes)
     fp8_layers = (("blocks.",), ("norm",))
+    # musubi-tuner's networks/lora_wan.py (no Linear inside a block matches it; kept for include_patterns parity)
+    lora_default_excludes = (r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|head).*",)
     # model.* keys of this family beyond the common ones (config/schema.py), with their types
     model_keys = {
         "dit_high_noise": "str?",  # Wan2.2 A14B: the high-noise expert (model.dit is the low-noise one)
@@ -232,12 +234,13 @@ class WanFamily:
         return targets
 
     # -- training and sampling ----------------------------------------------------------------
-    def training_inputs(self, model_cfg: dict, latents, noise, t, cached: dict, generator) -> TrainingInputs:
+    def training_inputs(self, model_cfg: dict, latents, noise, t, timesteps, cached: dict, generator,
+                        conventions: str = "musubi") -> TrainingInputs:
         import torch
 
         task = get_task(model_cfg.get("task"))
         t_b = t.view(-1, 1, 1, 1, 1).to(latents)
-        inputs = TrainingInputs(noisy=(1 - t_b) * latents + t_b * noise, timesteps=t * 1000, target=noise - latents)
+        inputs = TrainingInputs(noisy=(1 - t_b) * latents + t_b * noise, timesteps=timesteps, target=noise - latents)
         if task.conditioning == "image":
             inputs.cond = {k: cached[k] for k in ("latents_image", "clip") if k in cached}
         elif task.conditioning == "first_frame":
