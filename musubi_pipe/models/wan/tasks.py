@@ -164,7 +164,9 @@ _VAE22 = {
 _TINY_VAE21 = {"base_dim": 8, "z_dim": 16}
 _TINY_VAE22 = {**_VAE22, "base_dim": 8, "decoder_base_dim": 16}
 _TINY = dict(text_dim=32, freq_dim=32)
-_TINY_SAMPLING = dict(text_len=64, sample_steps=4)
+# text_len stays the real 512: diffusers' Wan attention takes the tokens before the last 512 of the context as
+# CLIP image tokens (I2V), so a shorter text would route CLIP through the text keys and leave k_img/v_img untrained
+_TINY_SAMPLING = dict(sample_steps=4)
 
 _T2V_A14B = dict(boundary=0.875, sample_steps=40, guidance_scale=3.0, guidance_scale_high=4.0, shift=12.0)
 _I2V_A14B = dict(boundary=0.900, sample_steps=40, guidance_scale=3.5, guidance_scale_high=3.5, shift=5.0)
