@@ -5,6 +5,8 @@ prompt; video-to-video strength; embedded guidance; the errors that come before 
 from __future__ import annotations
 
 import itertools
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from musubi_pipe.errors import ConfigError
+from musubi_pipe.errors import ConfigError, UserError
 from musubi_pipe.models import get_family
 from musubi_pipe.models.hunyuan_video.tasks import SKYREELS_NEGATIVE
 from tests.conftest import stage
@@ -56,8 +58,13 @@ def _latents(record, name="sample", index=0):
     return load_file(str(Path(stage(record, name)["artifact"]) / f"sample_{index:02d}.safetensors"))["latents"]
 
 
-def test_cache_train_sample_and_the_lora_file(hv):
-    record = hv()
+def _modules(lora) -> set[str]:
+    return {k.removeprefix("diffusion_model.").rsplit(".lora_", 1)[0] for k in load_file(str(lora)) if ".lora_" in k}
+
+
+def test_cache_train_sample_and_the_lora_file(hv, caplog):
+    with caplog.at_level(logging.WARNING, logger="musubi_pipe"):
+        record = hv()
     assert [s["status"] for s in record["stages"]][:4] == ["ran", "ran", "ran", "ran"]
     lora = Path(record["lora"][0])
     with safe_open(str(lora), "pt") as f:
@@ -72,6 +79,13 @@ def test_cache_train_sample_and_the_lora_file(hv):
     tensors = load_file(str(lora))
     assert tensors["diffusion_model.double_blocks.0.img_attn_qkv.lora_up.weight"].shape == (3 * 64, 32)
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))  # it trained
+    # musubi-tuner's default targets: no modulation (networks/lora.py excludes .*(img_mod|txt_mod|modulation).*)
+    modules = _modules(lora)
+    assert len(modules) == 20 and not [m for m in modules if "mod" in m]
+    # the default layout is ComfyUI's; musubi-tuner reads none of it, and training says so with the command
+    [warning] = [r.getMessage() for r in caplog.records if "unapplied" in r.getMessage()]
+    assert warning.startswith("train: musubi-tuner leaves 20 of the 20 modules of hunyuan_video_tiny_lora.safetensors unapplied")
+    assert "tools convert hunyuan_video_tiny_lora.safetensors hunyuan_video_tiny_lora_musubi.safetensors --to musubi" in warning
     assert sorted(Path(p).name for p in record["samples"]) == ["sample_00.png", "sample_01.mp4"]
     # each text entry holds both encoders' outputs: the LLM's hidden states (real tokens) and CLIP's pooled output
     import json
@@ -84,6 +98,25 @@ def test_cache_train_sample_and_the_lora_file(hv):
 
     again = hv()
     assert {s["name"]: s["status"] for s in again["stages"]}["train"] == "cached"
+
+
+def test_modulation_is_re_admitted_and_an_earlier_file_names_the_pattern(hv, caplog):
+    with_mod = hv(r"network.include_patterns=['.*(img_mod|txt_mod|modulation).*']", "pipeline.stages=[cache_latents,cache_text,train]")
+    modules = _modules(with_mod["lora"][0])
+    assert len(modules) == 26 and "double_blocks.1.txt_mod.linear" in modules
+    # a file with the modulation (what this project trained before) cannot start the default network
+    with pytest.raises(UserError, match="left out by the network's exclude patterns") as info:
+        hv(f"network.network_weights={with_mod['lora'][0]}", "pipeline.stages=[cache_latents,cache_text,train]")
+    include = re.search(r"network\.include_patterns: \['(.+)'\]", str(info.value)).group(1).replace("\\\\", "\\")
+    resumed = hv(f"network.network_weights={with_mod['lora'][0]}", f"network.include_patterns=['{include}']",
+                 "pipeline.stages=[cache_latents,cache_text,train]")  # the pattern the error gives is the fix
+    assert _modules(resumed["lora"][0]) == modules
+    # the musubi layout: ComfyUI leaves the MLPs out, and training says which
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="musubi_pipe"):
+        hv("network.save_format=musubi", "pipeline.stages=[cache_latents,cache_text,train]")
+    [warning] = [r.getMessage() for r in caplog.records if "unapplied" in r.getMessage()]
+    assert "ComfyUI leaves 8 of the 20 modules" in warning and "--to official" in warning
 
 
 def test_diffusers_save_format_and_loading_it_back_for_sampling(hv):

@@ -12,9 +12,12 @@ interrupted job resumes from its last checkpoint instead of restarting.
 from __future__ import annotations
 
 import json
+import logging
 
 from musubi_pipe.pipeline.stage import Job, Stage, StageContext
 from musubi_pipe.stages import common
+
+log = logging.getLogger("musubi_pipe")
 
 KEYS = ("model.arch", "model.task", "network", "optimizer", "training", "dataset.general", "dataset.datasets",
         "dataset.slice", "dataset.num_slices")
@@ -100,6 +103,8 @@ def run(ctx: StageContext) -> dict:
     outputs = {"timesteps": [_plot_timesteps(ctx, trainer).name]} if train_cfg.get("show_timesteps") else {}
     trainer.train()
     lora_experts = _save_loras(ctx, trainer, train_cfg, ctx.out_dir)
+    if job.dist.main:
+        _warn_ignored_modules(ctx, trainer, lora_experts)
     intermediate = _publish_intermediate(ctx, cfg["training"].get("save_last_n")) if job.dist.main else []
     outputs |= {"lora": sorted(set(lora_experts.values())), "lora_checkpoints": intermediate}
     samples_dir = ctx.partial_dir() / "samples"
@@ -212,6 +217,21 @@ def _save_loras(ctx: StageContext, trainer, train_cfg: dict, folder, label: str 
             if not suffix or suffix == expert.name:
                 lora_experts[expert.name] = lora_file.name
     return lora_experts
+
+
+def _warn_ignored_modules(ctx: StageContext, trainer, lora_experts: dict[str, str]) -> None:
+    """Warn when ComfyUI or musubi-tuner would leave modules of the saved files unapplied (network.save_format;
+    LoraNaming.ignored_by), naming them and the convert command that gives a file that consumer loads fully."""
+    family = common.family(ctx.job)
+    save_format = ctx.cfg["network"].get("save_format") or family.lora_naming.default_save_format
+    for suffix, network in trainer.networks.items():
+        name = lora_experts[suffix] if suffix else next(iter(lora_experts.values()))
+        for consumer, (lost, fix) in family.lora_naming.ignored_by(save_format, network.official_names).items():
+            log.warning(
+                "train: %s leaves %d of the %d modules of %s unapplied, without an error (network.save_format=%s; "
+                "e.g. %s). For %s: python -m musubi_pipe.tools convert %s %s --to %s (docs/training.md, 'Where "
+                "LoRA files load')", consumer, len(lost), len(network.official_names), name, save_format, lost[0],
+                consumer, name, name.replace(".safetensors", f"_{fix}.safetensors"), fix)
 
 
 def _intermediate_dir(ctx: StageContext):

@@ -7,15 +7,14 @@ For whoever trained a LoRA here (musubi layout) and loads it elsewhere, or bring
 trainer; `musubi_pipe.network.formats.convert_file()` does the same from Python. Prints the source
 format it detected, the target and the module count.
 
-Targets (--to):
-  musubi     lora_unet_<module>.lora_down/lora_up.weight + .alpha. This project, musubi-tuner and
-             ComfyUI load it (HunyuanVideo: ComfyUI misses the MLP/modulation names); diffusers (Wan)
-             only when every block has all its linears.
-  official   diffusion_model.<module>.lora_down/lora_up.weight + .alpha: ComfyUI and musubi-tuner
-             (HunyuanVideo's default).
+Targets (--to); docs/training.md ("Where LoRA files load") has which tool loads which, checked with their code:
+  musubi     lora_unet_<module>.lora_down/lora_up.weight + .alpha: the only layout musubi-tuner reads
+             (--network_weights, generate, merge_lora.py). ComfyUI loads it, except HunyuanVideo's MLP and
+             modulation modules; diffusers (Wan) when every block has all its linears.
+  official   diffusion_model.<module>.lora_down/lora_up.weight + .alpha: ComfyUI (HunyuanVideo's default).
   comfy      diffusion_model.<module>.lora_A/lora_B.weight, alpha baked in (musubi-tuner's
-             convert_lora.py --target other). ComfyUI and diffusers both load it, also a LoRA on
-             a subset of the modules. LoHa/LoKr keep hada_*/lokr_* + .alpha: ComfyUI only.
+             convert_lora.py --target other). ComfyUI, and diffusers for Wan, also a LoRA on a subset of
+             the modules. LoHa/LoKr keep hada_*/lokr_* + .alpha: ComfyUI only.
   diffusers  transformer.<module>.lora_A/lora_B.weight (PEFT), alpha baked in, for diffusers'
              load_lora_weights: Wan diffusers module names (block linears), HunyuanVideo official
              names with an img_attn_qkv module; plain LoRA only.
@@ -37,7 +36,7 @@ import argparse
 
 from musubi_pipe.network.formats import DTYPES, FORMATS, KIND_TITLES, convert_file
 
-HELP = "convert a Wan LoRA between the musubi, ComfyUI (comfy) and diffusers key layouts"
+HELP = "convert a LoRA between the musubi, official, ComfyUI (comfy) and diffusers key layouts"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ musubi-tuner, diffusion-pipe and diffusers' HunyuanVideo LoRA loader all read th
 memory is diffusers' `HunyuanVideoTransformer3DModel`, which splits some official modules: a fused
 module maps to several diffusers Linears fed the same input (network.fused.FusedLinear trains it as one).
 
-The default LoRA targets are musubi-tuner's: every Linear of the double and single stream blocks.
+The LoRA candidates are musubi-tuner's: every Linear of the double and single stream blocks; like musubi-tuner,
+the family's default exclude pattern leaves the modulation Linears (img_mod, txt_mod, modulation) out.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ _OFFICIAL = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
 _UNDERSCORED = re.compile(r"^(double_blocks|single_blocks)_(\d+)_(.+)$")
 _UNDERSCORED_SUBPATHS = {kind: {sub.replace(".", "_"): sub for sub in linears}
                          for kind, (_, linears) in BLOCK_KINDS.items()}
+# official sub-paths ComfyUI's HunyuanVideo model spells otherwise (its lora_unet_ names use its own spelling)
+_COMFY_RENAMED = re.compile(r"(mlp\.fc[12]|_mod\.linear|modulation\.linear)$")
 # modules diffusers' HunyuanVideo LoRA converter mishandles (lora-formats.md 3.2): never written for diffusers
 DIFFUSERS_BROKEN = (re.compile(r"^txt_in\.individual_token_refiner\..*self_attn_qkv$"),
                     re.compile(r"^final_layer\.adaLN_modulation\.1$"))
@@ -99,6 +102,14 @@ class HunyuanLoraNaming:
     def diffusers_file_name(self, official: str) -> str | None:
         """diffusers' HunyuanVideo loader converts official names itself, so a diffusers file keeps them."""
         return None if any(p.match(official) for p in DIFFUSERS_BROKEN) else official
+
+    def ignored_by(self, save_format: str, modules) -> dict[str, tuple[list[str], str]]:
+        # musubi-tuner reads lora_unet_ keys only. ComfyUI reads lora_unet_ + its own module names underscored,
+        # which differ from the official ones for the MLPs (mlp.0 / mlp.2) and modulation (mod.lin, modulation.lin)
+        if save_format != "musubi":
+            return {"musubi-tuner": (sorted(modules), "musubi")}
+        lost = sorted(m for m in modules if _COMFY_RENAMED.search(m))
+        return {"ComfyUI": (lost, "official")} if lost else {}
 
     def diffusers_problems(self, modules) -> list[str]:
         problems = []

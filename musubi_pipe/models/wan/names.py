@@ -89,5 +89,12 @@ class WanLoraNaming:
                     "linears only). Convert to comfy instead: diffusers loads that too"]
         return []
 
+    def ignored_by(self, save_format: str, modules) -> dict[str, tuple[list[str], str]]:
+        # musubi-tuner reads lora_unet_ keys only; ComfyUI maps no diffusers-named Wan key (lora-formats.md 1.2)
+        ignored = {} if save_format == "musubi" else {"musubi-tuner": (sorted(modules), "musubi")}
+        if save_format == "diffusers":
+            ignored["ComfyUI"] = (sorted(modules), "musubi")
+        return ignored
+
 
 LORA_NAMING = WanLoraNaming()
