@@ -81,7 +81,6 @@ from collections.abc import Callable
 import torch
 
 from musubi_pipe.training.timestep_spec import (
-    CONVENTIONS,
     EXPERT_TRIES,
     IDEOGRAM4_BOUNDS,
     IDEOGRAM4_STD,
@@ -98,8 +97,9 @@ from musubi_pipe.training.timestep_spec import (
     resolution_shift,
 )
 
-__all__ = ["CONVENTIONS", "TimestepSpec", "convention_notes", "loss_weights", "model_timesteps", "routing_offset",
-           "sample_timesteps", "weighted_mse"]
+# TimestepSpec and convention_notes are used through this module too (training.loop)
+__all__ = ["TimestepSpec", "convention_notes", "loss_weights", "model_timesteps", "routing_offset", "sample_timesteps",
+           "weighted_mse"]
 
 log = logging.getLogger("musubi_pipe")
 
