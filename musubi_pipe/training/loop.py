@@ -9,9 +9,8 @@ scheduler and data position, so a killed run that is re-run continues exactly wh
 Models with several experts (Wan2.2 A14B): `training.experts` picks which are trained (both, high or
 low). Each batch draws the first item's t, routes it to its expert (models.base.route, on the model
 timestep / 1000 as musubi-tuner does) and redraws the other items' t until they fall in the same
-expert's range. Each expert
-gets its own LoRA (one file per expert, what ComfyUI's Wan2.2 workflows load) unless
-`training.shared_expert_lora` trains one LoRA on both. `memory.offload_inactive_dit` keeps the
+expert's range. Each expert gets its own LoRA (one file per expert, what ComfyUI's Wan2.2 workflows
+load) unless `training.shared_expert_lora` trains one LoRA on both. `memory.offload_inactive_dit` keeps the
 expert that is not in use on the CPU.
 """
 
