@@ -48,8 +48,9 @@ def run(cfg: DictConfig | dict, run_dir: str | os.PathLike) -> dict:
     _main_first(dist, lambda: validate(container))
     if dist.main:
         _write_config(run_dir, container)  # validation reads a musubi-tuner dataset file into the config
-    store = Store(container["paths"]["cache"])
-    digests = DigestCache(store.root / "digests.json")
+    verify = container["pipeline"]["verify"]
+    store = Store(container["paths"]["cache"], verify=verify)
+    digests = DigestCache(store.root / "digests.json", trust_stat=verify != "full")
     job = Job(cfg=container, store=store, digests=digests, run_dir=run_dir, dist=dist)
     if container["dataset"]["preview"]:
         return _preview(job, started) if dist.main else {}
@@ -73,6 +74,7 @@ def run(cfg: DictConfig | dict, run_dir: str | os.PathLike) -> dict:
     if not dist.main:
         return record
     record.update(_collect_outputs(record["stages"], run_dir))
+    record["moved_aside"] = store.moved_aside  # stored files found corrupt this run (recomputed)
     record["seconds"] = round(time.time() - started, 3)
     _write_record(job, record)
     for kind in ("lora", "samples"):

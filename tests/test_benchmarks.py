@@ -24,6 +24,7 @@ QUICK = {
     "loader_throughput.py": (["--quick"], [r"workers=1:\s+[\d.]+ items/s", r"speed-up:\s+[\d.]+x"]),
     "memory_presets.py": (["--quick"], [r"\| tiny-t2v \| 5 \| none \| - \| [\d.]+ \|",
                                          r"\| tiny-t2v \| 5 \| 12gb \| - \| [\d.]+ \|"]),
+    "verify_cost.py": (["--quick"], [r"digest check rate:\s+\d+ MB/s", r"digest / size:\s+[\d.]+"]),
     "wan_train_memory.py": (["--quick"], [r"\| tiny-t2v \| 64x64 \| 5 \| - \| [\d.]+ \|",
                                            r"\| tiny-i2v \| 64x64 \| 5 \| - \| [\d.]+ \|"]),
 }

@@ -168,22 +168,22 @@ def test_preview_draws_without_encoding(demo):
 
 
 def test_killed_cache_stage_continues_from_stored_items(demo, monkeypatch):
-    from musubi_pipe.stages import common
+    from musubi_pipe.pipeline.store import Store
 
     images, _ = _demo_dirs(demo)
     demo("pipeline.stages=[cache_text]")  # writes the demo data, encodes nothing in cache_latents
-    save, calls = common.save_item, []
+    save, calls = Store.save_item, []
 
-    def dies_on_third(path, tensors, metadata=None):
-        calls.append(path)
+    def dies_on_third(self, kind, key, tensors, metadata=None):
+        calls.append(key)
         if len(calls) == 3:
             raise KeyboardInterrupt  # as a killed process would stop: mid-stage
-        save(path, tensors, metadata)
+        return save(self, kind, key, tensors, metadata)
 
-    monkeypatch.setattr(common, "save_item", dies_on_third)
+    monkeypatch.setattr(Store, "save_item", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         demo(LATENTS)
-    monkeypatch.setattr(common, "save_item", save)
+    monkeypatch.setattr(Store, "save_item", save)
     published = [p for p in (demo.root / "cache" / "cache_latents").iterdir() if not p.name.startswith((".", "last"))]
     assert published == []  # nothing half-done was published
     resumed = stage(demo(LATENTS), "cache_latents")

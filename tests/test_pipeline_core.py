@@ -85,7 +85,7 @@ def _job(tmp_path, x=1, y=1):
 STAGES = [_make_stage("first"), _make_stage("second", upstream=("first",), keys=("y",))]
 
 
-def _run(job, mode="auto", verify="size", selected=("first", "second")):
+def _run(job, mode="auto", verify="digest", selected=("first", "second")):
     planned = plan(job, STAGES, list(selected), mode=mode, verify=verify)
     return planned, execute(job, planned, mode=mode, verify=verify)
 
@@ -132,15 +132,15 @@ def test_truncated_and_corrupt_outputs_are_misses(tmp_path):
     assert CALLS == ["first"]  # same fingerprint, so downstream stays valid
     trash = list((tmp_path / "cache" / "first" / ".trash").iterdir())
     assert len(trash) == 1
-    # same size, different bytes: only verify=full notices
-    out = planned[0].artifact / "out.txt"
-    text = out.read_text()
-    out.write_text(text[:-1] + ("A" if text[-1] != "A" else "B"))
-    CALLS.clear()
-    _run(_job(tmp_path), verify="size")
-    assert CALLS == []
-    _run(_job(tmp_path), verify="full")
-    assert CALLS == ["first"]
+    # same size, different bytes, mtime set back: the default (digest) notices; only verify=size does not
+    for verify, calls in (("size", []), ("digest", ["first"]), ("full", ["first"])):
+        out = planned[0].artifact / "out.txt"
+        text, st = out.read_text(), out.stat()
+        out.write_text(text[:-1] + ("A" if text[-1] != "A" else "B"))
+        os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        CALLS.clear()
+        _run(_job(tmp_path), verify=verify)
+        assert CALLS == calls, verify
     (planned[0].artifact / "manifest.json").write_text("{not json")
     CALLS.clear()
     _run(_job(tmp_path))

@@ -154,7 +154,7 @@ SCHEMA: dict[str, dict] = {
         "stages": "list",
         "mode": ("auto", "force", "frozen"),
         "dry_run": "bool",
-        "verify": ("size", "full"),
+        "verify": ("digest", "full", "size"),
     },
 }
 

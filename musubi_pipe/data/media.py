@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import itertools
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from musubi_pipe.data.frames import fps_kept_indices
+from musubi_pipe.fileio import temp_beside
 from musubi_pipe.errors import MediaError
 
 _BASE_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif")
@@ -232,9 +232,7 @@ def load_video_frames(
 @contextlib.contextmanager
 def atomic_target(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; move it into place on success, delete it on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         yield tmp

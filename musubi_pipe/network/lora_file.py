@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -13,6 +12,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from musubi_pipe.fileio import fsync_dir, temp_beside
 from musubi_pipe.errors import UserError
 
 # The upstream repository of each architecture's model code, as sd-scripts/musubi write into `modelspec.implementation`.
@@ -56,9 +56,7 @@ def save_lora_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], me
     path = Path(path)
     model_hash, legacy_hash = model_hashes(tensors, metadata)
     full_metadata = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp file lives in the target folder so os.replace is a same-filesystem rename, which is atomic.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)  # same folder, so os.replace is an atomic rename
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(safetensors.torch.save(tensors, full_metadata))
@@ -68,21 +66,8 @@ def save_lora_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], me
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory, and the file is complete either way.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

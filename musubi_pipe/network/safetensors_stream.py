@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from musubi_pipe.network.lora_file import _fsync_dir
+from musubi_pipe.fileio import fsync_dir, temp_beside
 
 # safetensors dtype codes <-> torch dtypes
 DTYPE_CODES: dict[str, torch.dtype] = {
@@ -53,8 +52,7 @@ def write_streaming(path: Path, header: bytes, data_bytes: int, order: Sequence[
                     produce: Callable[[str], torch.Tensor]) -> None:
     """Write a safetensors file atomically: `header` (from plan_layout), then `produce(name)` for each name of
     `order`, one tensor at a time; the temp file is re-opened with safetensors before it replaces `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header)
@@ -66,18 +64,12 @@ def write_streaming(path: Path, header: bytes, data_bytes: int, order: Sequence[
             f.flush()
             os.fsync(f.fileno())
         verify_file(Path(tmp), header, data_bytes)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates the file 0600; give it the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def verify_file(path: Path, header: bytes, data_bytes: int) -> None:

@@ -43,11 +43,13 @@ class DigestCache:
     `save()` writes the table atomically; a lost update only costs one re-hash later.
     """
 
-    def __init__(self, table_path: str | os.PathLike):
+    def __init__(self, table_path: str | os.PathLike, trust_stat: bool = True):
         self.table_path = Path(table_path)
+        self.trust_stat = trust_stat  # False (pipeline.verify=full): hash every file once, whatever the table says
         self._lock = threading.Lock()
         self._dirty = False
         self.hashed = 0  # files actually read this session (tests assert warm runs read none)
+        self._fresh: set[str] = set()  # hashed by this instance
         try:
             self._table = json.loads(self.table_path.read_text())
         except (OSError, ValueError):
@@ -60,10 +62,11 @@ class DigestCache:
         signature = [st.st_size, st.st_mtime_ns, st.st_ino]
         with self._lock:
             known = self._table.get(path)
-            if known and known["stat"] == signature:
+            if known and known["stat"] == signature and (self.trust_stat or path in self._fresh):
                 return known["sha256"]
         value = sha256_file(path)
         with self._lock:
+            self._fresh.add(path)
             self._table[path] = {"stat": signature, "sha256": value}
             self._dirty = True
             self.hashed += 1

@@ -9,9 +9,13 @@ Layout under the cache root:
     <stage>/.locks/<fingerprint>.lock per-key lock shared by parallel jobs
     <stage>/.trash/                   entries found corrupt, moved aside rather than trusted
     items/<kind>/<ab>/<key>.safetensors   content-addressed item entries (latents, text embeddings)
+    items/.trash/<kind>/              item entries found corrupt, moved aside
 
-A published entry is valid only if its manifest reads and every output it lists exists with the
-recorded size (and, with verify="full", the recorded sha256). Anything else is a miss.
+Every file is checked against the sha256 recorded when it was published (in the manifest for stage
+outputs, in the file's own metadata for items; pipeline/items.py) before a run uses it, once per run:
+`verify` is "digest" (the default) or "full" (the same here; `full` also re-hashes input files, see
+runner.py). `verify="size"` only compares sizes, which misses same-size corruption. A manifest that
+does not read, a missing output or a digest mismatch is a miss: the entry is moved aside and recomputed.
 """
 
 from __future__ import annotations
@@ -20,45 +24,71 @@ import contextlib
 import fcntl
 import itertools
 import json
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
 from musubi_pipe.pipeline.fingerprint import sha256_file
+from musubi_pipe.pipeline.items import item_problem, write_item
 
 MANIFEST = "manifest.json"
+VERIFY_MODES = ("digest", "full", "size")
 _counter = itertools.count()
+log = logging.getLogger("musubi_pipe")
 
 
 class Store:
     """Stage artifacts and item entries under one cache root."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, verify: str = "digest"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify={verify!r} is not one of {VERIFY_MODES}")
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.verify = verify
+        self._verified: dict[str, tuple] = {}  # path -> stat signature of a file hashed and found good this run
+        self.hashed_bytes = 0  # what checking cost this run (benchmarks/verify_cost.py reports it)
+        self.moved_aside: list[str] = []  # what this run found corrupt, for its record
+
+    def _hash_once(self, path: Path, check) -> str | None:
+        """Run `check(path)` (a hash) unless this run already found the file, unchanged since, good."""
+        st = path.stat()
+        signature = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if self._verified.get(str(path)) == signature:
+            return None
+        problem = check(path)
+        self.hashed_bytes += st.st_size
+        if problem is None:
+            self._verified[str(path)] = signature
+        return problem
 
     # -- stage artifacts -------------------------------------------------------------------
     def entry_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / fp
 
-    def lookup(self, stage: str, fp: str, verify: str = "size") -> dict | None:
+    def lookup(self, stage: str, fp: str, verify: str | None = None) -> dict | None:
         """Return the manifest of a valid published entry, or None (a corrupt entry is moved aside)."""
         entry = self.entry_dir(stage, fp)
         if not entry.exists():
             return None
-        problem = self._check_entry(entry, verify)
+        problem = self._check_entry(entry, verify or self.verify)
         if problem is None:
             return json.loads((entry / MANIFEST).read_text())
         trash = self.root / stage / ".trash" / f"{fp}-{int(time.time())}-{os.getpid()}"
         trash.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             os.rename(entry, trash)
-        print(f"[store] {stage}/{fp[:12]} was invalid ({problem}); moved to {trash} and recomputing")
+        self._report_aside(f"{stage}/{fp[:12]}", problem, trash)
         return None
 
-    @staticmethod
-    def _check_entry(entry: Path, verify: str) -> str | None:
+    def _report_aside(self, what: str, problem: str, trash: Path) -> None:
+        message = f"[store] {what} was invalid ({problem}); moved to {trash} and recomputing"
+        self.moved_aside.append(message)
+        log.warning(message)
+
+    def _check_entry(self, entry: Path, verify: str) -> str | None:
         try:
             manifest = json.loads((entry / MANIFEST).read_text())
             outputs = manifest["outputs"]
@@ -70,8 +100,15 @@ class Store:
                 return f"missing output {rel}"
             if path.stat().st_size != info["size"]:
                 return f"output {rel} has {path.stat().st_size} bytes, manifest says {info['size']}"
-            if verify == "full" and sha256_file(path) != info["sha256"]:
-                return f"output {rel} does not match its sha256"
+        if verify == "size":
+            return None
+        for rel, info in outputs.items():
+            def same(path, want=info["sha256"]):
+                return None if sha256_file(path) == want else "differs from the sha256 recorded when it was published"
+
+            problem = self._hash_once(entry / rel, same)
+            if problem:
+                return f"output {rel} {problem}"
         return None
 
     def new_tmp_dir(self, stage: str, fp: str) -> Path:
@@ -151,7 +188,32 @@ class Store:
         return self.root / "items" / kind / key[:2] / f"{key}.safetensors"
 
     def has_item(self, kind: str, key: str) -> bool:
-        return self.item_path(kind, key).is_file()
+        """Whether item `key` is stored and (unless verify="size") its content matches its recorded digest.
+
+        A corrupt entry is moved to items/.trash/ and reported, so the caller recomputes it.
+        """
+        path = self.item_path(kind, key)
+        if not path.is_file():
+            return False
+        if self.verify == "size":
+            return True
+        problem = self._hash_once(path, item_problem)
+        if problem is None:
+            return True
+        trash = self.root / "items" / ".trash" / kind / f"{key}-{int(time.time())}-{os.getpid()}.safetensors"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.rename(path, trash)
+        self._report_aside(f"{kind} item {key[:12]}", problem, trash)
+        return False
+
+    def save_item(self, kind: str, key: str, tensors: dict, metadata: dict | None = None) -> Path:
+        """Publish item `key` atomically, with the digest of its content in its metadata; return its path."""
+        path = self.item_path(kind, key)
+        write_item(path, tensors, metadata)
+        st = path.stat()
+        self._verified[str(path)] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        return path
 
 
 def _write_json_durable(path: Path, doc: dict) -> None:

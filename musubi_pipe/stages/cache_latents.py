@@ -91,8 +91,8 @@ def run(ctx: StageContext) -> dict:
                     common.log.warning("skipping %s: %s", item.media_path, result)
                     failed[key] = str(result)
                     continue
-                common.save_item(job.store.item_path(KIND, key), _encode(vae, result, device, dtype),
-                                 {"item": item.key, "media": item.media_path})
+                job.store.save_item(KIND, key, _encode(vae, result, device, dtype),
+                                    {"item": item.key, "media": item.media_path})
         del vae
     failed = {key: reason for part in job.dist.all_gather(failed) for key, reason in part.items()}
     if failed and job.cfg["dataset"].get("strict"):
@@ -116,7 +116,7 @@ def report(job: Job, stats: dict) -> dict:
 
 def check(job: Job, artifact) -> str | None:
     index = json.loads((artifact / "index.json").read_text())
-    return common.missing_items(job, KIND, (record["entry"] for record in index))
+    return common.unusable_items(job, KIND, (record["entry"] for record in index))
 
 
 STAGE = Stage(

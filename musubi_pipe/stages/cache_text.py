@@ -46,7 +46,7 @@ def encode_texts(job: Job, texts: list[str], force: bool = False, progress: bool
             for batch in tqdm(batches, desc="text encoder", disable=not (progress and job.dist.main)):
                 for text, tensors in zip(batch, encoder.encode(batch)):
                     stored = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in tensors.items()}
-                    common.save_item(job.store.item_path(KIND, keys[text]), stored)
+                    job.store.save_item(KIND, keys[text], stored)
         del encoder
     return keys, len(todo)
 
@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def check(job: Job, artifact) -> str | None:
-    return common.missing_items(job, KIND, json.loads((artifact / "index.json").read_text()).values())
+    return common.unusable_items(job, KIND, json.loads((artifact / "index.json").read_text()).values())
 
 
 STAGE = Stage(

@@ -257,10 +257,16 @@ def item_record(item) -> dict:
     return record
 
 
-def missing_items(job: Job, kind: str, keys) -> str | None:
-    """Why an item index cannot be used: some of its entries are gone from the store (e.g. removed by gc)."""
-    missing = sum(1 for key in set(keys) if not job.store.has_item(kind, key))
-    return f"{missing} cached {kind} item(s) missing from the store" if missing else None
+def unusable_items(job: Job, kind: str, keys) -> str | None:
+    """Why an item index cannot be used: some of its entries are gone from the store (e.g. removed by gc) or
+    were found corrupt (Store.has_item moves those aside, so the stage recomputes exactly them)."""
+    keys = set(keys)
+    present = {key for key in keys if job.store.item_path(kind, key).is_file()}
+    corrupt = sum(1 for key in present if not job.store.has_item(kind, key))
+    missing = len(keys) - len(present)
+    parts = ([f"{corrupt} cached {kind} item(s) corrupt (moved aside)"] if corrupt else []) + \
+            ([f"{missing} cached {kind} item(s) missing from the store"] if missing else [])
+    return "; ".join(parts) or None
 
 
 def upstream_stats(ctx, name: str) -> dict:
@@ -268,16 +274,6 @@ def upstream_stats(ctx, name: str) -> dict:
     import json
 
     return json.loads((ctx.upstream_dirs[name] / "manifest.json").read_text())["stats"]
-
-
-def save_item(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write an item entry atomically (temp file + rename): a killed run leaves no partial entry."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def sample_texts(job: Job) -> list[str]:

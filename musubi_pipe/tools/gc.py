@@ -18,7 +18,7 @@ Removed:
   - item entries items/<kind>/<ab>/<key>.safetensors (cached latents, text embeddings) that no
     remaining index.json names, root or not, so no index ever names a missing item; <ab> folders
     left empty go too;
-  - everything in <stage>/.trash/ (entries found corrupt and moved aside);
+  - everything in <stage>/.trash/ and items/.trash/ (entries found corrupt and moved aside);
   - <stage>/.tmp/ folders of processes no longer running, and items/**/*.tmp files of killed writers.
 
 Never removed:
@@ -400,7 +400,7 @@ def _delete(path: Path, notes: list[str]) -> bool:
 
 
 def empty_trash(stage_dir: Path, dry_run: bool, tally: Tally, notes: list[str]) -> None:
-    """Remove every entry of <stage>/.trash/ (corrupt entries moved aside by Store.lookup)."""
+    """Remove every entry of <stage>/.trash/ or items/.trash/ (corrupt entries moved aside by the Store)."""
     trash = stage_dir / ".trash"
     if not trash.is_dir():
         return
@@ -542,7 +542,8 @@ def collect_items(cache_root: Path, referenced: set[str], blocked_kinds: set[str
     items_root = cache_root / ITEMS
     if not items_root.is_dir():
         return kept
-    for kind_dir in sorted(p for p in items_root.iterdir() if p.is_dir()):
+    empty_trash(items_root, dry_run, removed["trash"], notes)  # items found corrupt and moved aside
+    for kind_dir in sorted(p for p in items_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         blocked = "*" in blocked_kinds or kind_dir.name in blocked_kinds
         for ab_dir in sorted(p for p in kind_dir.iterdir() if p.is_dir() and not p.is_symlink()):
             for path in sorted(ab_dir.iterdir()):

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from musubi_pipe.fileio import temp_beside
 from musubi_pipe.training.timesteps import TimestepSpec, loss_weights, sample_timesteps
 
 SIZE = (1000, 460)
@@ -123,8 +123,7 @@ def _bars(draw: ImageDraw.ImageDraw, font, panel: tuple[int, int], values: torch
 
 
 def _save_atomic(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
