@@ -39,7 +39,7 @@ def demo(tmp_path, models_dir):
 
     def run_demo(*overrides):
         cfg = compose(base + list(overrides))
-        return run(cfg, tmp_path / "runs" / f"run{next(_run_counter)}")
+        return run(cfg, tmp_path / "runs" / f"run{next(_run_counter)}", overrides=base + list(overrides))
 
     run_demo.root = tmp_path
     return run_demo

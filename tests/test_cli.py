@@ -150,3 +150,58 @@ def test_loraid_sweep_trains_one_id_per_slice_on_shared_caches(tmp_path):
         with safe_open(path, "pt") as f:
             allocations.append(set(json.loads(f.metadata()["ss_loraid_allocation"])["modules"]))
     assert allocations[0] and allocations[1] and not allocations[0] & allocations[1]
+
+
+def test_sigterm_records_the_run_as_interrupted(tmp_path):
+    """SLURM and `kill` send SIGTERM: the run writes run.json (interrupted, the stage it was in) and exits 143."""
+    args = ["+recipe=demo", f"paths.root={tmp_path}", "training.max_train_steps=400", "training.save_every_n_steps=10",
+            "pipeline.stages=[cache_latents,cache_text,train]", "runtime.progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "musubi_pipe", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "cache" / "train" / ".partial"
+    try:
+        while not list(partial.glob("*/step_*/COMPLETE")) and proc.poll() is None:
+            try:
+                proc.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    record = json.loads(next(tmp_path.glob("runs/*/run.json")).read_text())
+    assert record["status"] == "interrupted" and "SIGTERM" in record["error"]
+    assert [(s["name"], s["status"]) for s in record["stages"]] == [
+        ("cache_latents", "ran"), ("cache_text", "ran"), ("train", "failed")]
+    log = Path(record["log"]).read_text()
+    assert "plan (" in log and "cache_text: ran" in log and "run interrupted" in log
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    import time
+
+    now = time.time()
+    taken = []
+    for second in range(0, 60):  # every folder this run could claim in the next minute is someone else's
+        folder = tmp_path / "runs" / f"{time.strftime('%Y%m%d_%H%M%S', time.localtime(now + second))}_demo"
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text('{"mine": true}')
+        taken.append(folder)
+    out = _cli("+recipe=demo", f"paths.root={tmp_path}", "pipeline.dry_run=true")
+    assert out.returncode == 0, out.stderr[-3000:]
+    new = [p for p in (tmp_path / "runs").iterdir() if p not in taken]
+    assert len(new) == 1 and new[0].name.endswith("_demo_2")
+    assert json.loads((new[0] / "run.json").read_text())["status"] == "dry_run"
+    assert all(json.loads((p / "run.json").read_text()) == {"mine": True} for p in taken)
+    assert [p.name for p in taken[0].iterdir()] == ["run.json"]
+
+
+def test_typos_on_the_command_line_are_named_with_every_other_problem(tmp_path):
+    out = _cli("+recipe=demo", f"paths.root={tmp_path}", "training.max_train_step=5", "model=wan_tiny_i2v_a14",
+               "optimizer.lr=abc", "training.max_train_steps=-5")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "not in struct" not in out.stderr
+    assert "training.max_train_step: is not a config key; did you mean training.max_train_steps?" in out.stderr
+    assert "model: has no option 'wan_tiny_i2v_a14'; did you mean 'wan_tiny_i2v_a14b'?" in out.stderr
+    assert "optimizer.lr: must be a float, got str 'abc'" in out.stderr
+    assert "training.max_train_steps: the run needs at least 1 step, got -5" in out.stderr
+    assert not (tmp_path / "runs").exists()

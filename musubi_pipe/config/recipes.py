@@ -13,12 +13,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from musubi_pipe.config.locate import conf_dir, recipes_dir
+from musubi_pipe.config.run_dirs import register_run_dir_resolver
 
 
 def register_recipes(directory: Path | None = None) -> list[str]:
     """Store every recipe YAML of `directory` (default: bundled recipes) in the ConfigStore; return names."""
     from hydra.core.config_store import ConfigStore
 
+    register_run_dir_resolver()
     store = ConfigStore.instance()
     names = []
     for path in sorted((directory or recipes_dir()).glob("*.yaml")):

@@ -1,8 +1,9 @@
 """Validate a composed config before any weight is loaded; report every problem at once.
 
-Order: the schema (unknown keys, missing `???`, types, choices) for every group, dataset entries
-and sampling prompts; then, only if that passed, the embedded demo assets are built where the config
-asks for them and the architecture family checks its weight files.
+Every check runs and all problems are raised together: a musubi-tuner dataset file and the prompt
+file, the schema (unknown keys, missing `???`, types, choices) for every group, dataset entries and
+sampling prompts, the training settings, and, where the model and dataset sections are well formed,
+the embedded demo assets are built and the family checks its weight files and each stage's needs.
 """
 
 from __future__ import annotations
@@ -98,41 +99,94 @@ def read_prompt_file(cfg: dict) -> None:
         sampling["prompts"] = list(sampling.get("prompts") or []) + read(path)
 
 
-def read_musubi_config(cfg: dict) -> None:
-    """Replace dataset.general/datasets with a musubi-tuner dataset file's, when dataset.musubi_config names one."""
+def read_musubi_config(cfg: dict, overrides=()) -> None:
+    """Replace dataset.general/datasets with a musubi-tuner dataset file's, when dataset.musubi_config names one.
+
+    The file replaces both, so a `dataset.general.*` or `dataset.datasets` given on the command line
+    (`overrides`) alongside it would be dropped: that is an error naming the keys.
+    """
     from musubi_pipe.data.dataset_config import load_musubi_config
 
     dataset = cfg.get("dataset")
     path = dataset.get("musubi_config") if isinstance(dataset, dict) else None
     if not isinstance(path, str):
         return
+    dropped = [key for key in map(_override_key, overrides) if key == "dataset.general"
+               or key.startswith("dataset.general.")]
+    if dropped:
+        raise ConfigError([(key, f"is given on the command line, but dataset.musubi_config={path} replaces all of "
+                            "dataset.general with the file's [general]; set it in the file, or drop "
+                            "dataset.musubi_config and give dataset.datasets") for key in dropped])
     if dataset.get("datasets"):
         raise ConfigError([("dataset.musubi_config", f"is set ({path}) and so is dataset.datasets; use one: "
                             "dataset.datasets=[] to read the file, or dataset.musubi_config=null")])
     dataset["general"], dataset["datasets"] = load_musubi_config(path)
 
 
-def validate(cfg: dict) -> None:
+def _override_key(override: str) -> str:
+    """The dotted key of a command-line override (`+a.b=1`, `++a.b=1`, `~a.b` -> `a.b`)."""
+    return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def _collect(check, *args) -> list[tuple[str, str]]:
+    """Run a check that raises ConfigError; return its problems instead."""
+    try:
+        check(*args)
+    except ConfigError as err:
+        return err.problems
+    return []
+
+
+def _guarded(check, cfg: dict, known: list) -> list[tuple[str, str]]:
+    """Run a check that assumes well-formed values. When earlier problems make it stumble (a string where a
+    number belongs), those problems already explain why; without earlier problems the error is a bug."""
+    try:
+        found = check(cfg)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        if known:
+            return []
+        raise
+    reported = {key for key, _ in known}
+    return [(key, msg) for key, msg in found if key not in reported]  # one message per bad value
+
+
+def validate(cfg: dict, overrides=()) -> None:
     """Raise ConfigError listing every problem of `cfg` (a resolved plain dict); build demo assets.
 
-    A musubi-tuner dataset file (dataset.musubi_config) is read into `cfg` first, in place.
+    Every check runs, so one pass reports them all: the dataset file, the schema, the training settings
+    and, where the model section is well formed, the model's files and the stage-specific checks. A
+    musubi-tuner dataset file (dataset.musubi_config) is read into `cfg` first, in place; `overrides` are
+    the command line's (see read_musubi_config).
     """
-    read_musubi_config(cfg)
-    read_prompt_file(cfg)
-    problems = check_structure(cfg)
-    if not problems:
-        problems = check_training_settings(cfg)
+    from musubi_pipe.models import family_names, get_family
+
+    problems = _collect(read_musubi_config, cfg, overrides)
+    dataset_file_failed = bool(problems)
+    problems += _collect(read_prompt_file, cfg)
+    structure = check_structure(cfg)
+    if dataset_file_failed:  # its problems say why the datasets are missing
+        structure = [(key, msg) for key, msg in structure if not key.startswith("dataset.datasets")]
+    problems += structure
+    problems += _guarded(check_training_settings, cfg, problems)
+    if (cfg.get("model") or {}).get("arch") in family_names():  # each check skips what earlier problems explain
+        _guarded(lambda c: prepare_embedded(c) or [], cfg, problems)
+        problems += _guarded(lambda c: get_family(c["model"]["arch"]).check_config(c["model"]), cfg, problems)
+        problems += _guarded(_check_stages, cfg, problems)
     if problems:
-        raise ConfigError(problems)
-    prepare_embedded(cfg)
+        raise ConfigError(_unique(problems))
+
+
+def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys((key, msg) for key, msg in problems))
+
+
+def _check_stages(cfg: dict) -> list[tuple[str, str]]:
+    """The checks of what the selected stages need: experts, dataset features, memory, prompts, formats."""
     from musubi_pipe.memory.settings import memory_problems
     from musubi_pipe.models import get_family
     from musubi_pipe.stages.sample import check_embedded_guidance, check_prompts
 
     family = get_family(cfg["model"]["arch"])
-    problems = family.check_config(cfg["model"])
-    if problems:
-        raise ConfigError(problems)
     stages = cfg["pipeline"]["stages"]
     problems = _check_experts(cfg, family) + _check_dataset_features(cfg["dataset"])
     problems += family.check_stages(cfg["model"], stages) + _check_save_format(cfg, family)
@@ -144,8 +198,7 @@ def validate(cfg: dict) -> None:
         from musubi_pipe.stages.generate import check_generate
 
         problems += check_generate(cfg["sampling"])
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 # Dataset keys of musubi-tuner features not built here yet: accepted by the schema (a dataset file

@@ -8,6 +8,7 @@ is wrong and how to fix it. PyAV is imported inside the functions that need it.
 """
 
 import contextlib
+import errno
 import importlib
 import itertools
 import os
@@ -51,9 +52,37 @@ class VideoInfo:
 
 def list_media(directory: str | os.PathLike, extensions: tuple[str, ...]) -> list[Path]:
     """Files directly in `directory` whose suffix is in `extensions`, sorted by name; hidden files are ignored."""
-    return sorted(
-        p for p in Path(directory).iterdir() if p.suffix in extensions and not p.name.startswith(".") and p.is_file()
-    )
+    return scan_folder(directory, extensions)[0]
+
+
+def scan_folder(directory: str | os.PathLike, extensions: tuple[str, ...],
+                companions: tuple[str, ...] = ()) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(media files, [(path, why it is not used)]) of `directory`, both sorted by name.
+
+    Hidden files and files ending in one of `companions` (caption files) are neither. Everything else
+    that is not a readable media file is listed with its reason: another format (a GIF), a subfolder,
+    a broken symlink or a symlink loop.
+    """
+    media, unused = [], []
+    names = ", ".join(sorted({e.lower() for e in extensions}))
+    for path in sorted(Path(directory).iterdir()):
+        if path.name.startswith(".") or (companions and path.name.endswith(companions)):
+            continue
+        try:
+            path.stat()
+        except OSError as exc:
+            target = os.readlink(path) if path.is_symlink() else "?"
+            reason = "symlink loop" if exc.errno == errno.ELOOP else f"broken symlink to {target} (it does not exist)"
+            unused.append((path, f"{reason}; fix or remove the link"))
+            continue
+        if path.is_dir():
+            unused.append((path, "a folder: folders inside a dataset folder are not read; move its files up or "
+                                 "give it its own dataset entry"))
+        elif path.suffix not in extensions:
+            unused.append((path, f"not a supported media format (supported: {names}); convert it or move it out"))
+        else:
+            media.append(path)
+    return media, unused
 
 
 @contextlib.contextmanager
@@ -79,11 +108,39 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return image.size
 
 
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def image_info(path: str | os.PathLike) -> tuple[tuple[int, int], bool]:
+    """((width, height), whether it has an alpha channel), from the header without decoding pixels."""
+    with _open_image(path) as image:
+        alpha = image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+        return image.size, alpha
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image to [H, W, 3] uint8 RGB (an alpha channel is dropped). Raises MediaError."""
+    """Decode an image to [H, W, 3] uint8 RGB. Raises MediaError.
+
+    Palette, grayscale, CMYK and 16-bit images are converted by value: a 16-bit grayscale PNG keeps its
+    tones (v * 255 / 65535), where Pillow's own convert("RGB") would clip them to white. An alpha channel
+    is dropped and the colour under transparent pixels is kept, as musubi-tuner does (the scan warns).
+    """
     with _open_image(path) as image:
         image.load()
-        return np.asarray(image.convert("RGB"))
+        return to_rgb8(image)
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """[H, W, 3] uint8 RGB of a PIL image of any mode, high bit depths scaled rather than clipped."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+            values = values * 255.0 / 65535.0  # 16-bit samples (older Pillow opens 16-bit PNGs as "I")
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # float images in [0, 1]
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
 
 
 def _av_errors() -> tuple[type[BaseException], ...]:

@@ -19,7 +19,7 @@ from musubi_pipe.data.buckets import select_bucket
 from musubi_pipe.data.controls import control_bucket, match_control_images, match_control_video
 from musubi_pipe.data.frames import count_after_fps, extract_clips, round_target_frames
 from musubi_pipe.data.jsonl import Record, read_jsonl
-from musubi_pipe.data.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, image_size, list_media, probe_video
+from musubi_pipe.data.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, image_info, image_size, probe_video, scan_folder
 from musubi_pipe.errors import ConfigError, MediaError
 
 logger = logging.getLogger(__name__)
@@ -85,28 +85,35 @@ def read_caption(caption_path: Path) -> str:
 
 def _folder_exists(settings: dict, key: str, prefix: str) -> list[tuple[str, str]]:
     value = settings.get(key)
+    if value is not None and Path(value).exists() and not Path(value).is_dir():
+        return [(f"{prefix}.{key}", f"{value} is a file, not a folder; point {key} at the folder that holds the "
+                 "media (or use image_jsonl_file / video_jsonl_file for a metadata file)")]
     if value is not None and not Path(value).is_dir():
         return [(f"{prefix}.{key}", f"folder {value} does not exist; fix the path (relative paths are from the "
                  "current working directory)")]
     return []
 
 
-def _records(settings: dict, prefix: str) -> list[Record]:
-    """The entry's media files with their captions (folder datasets) or JSONL lines."""
+def _records(settings: dict, prefix: str) -> tuple[list[Record], list["Skip"]]:
+    """The entry's media files with their captions (folder datasets) or JSONL lines, and the other files of a
+    folder dataset with the reason each is not used."""
     kind = settings["kind"]
     directory = settings[f"{kind}_directory"]
     if directory is None:
         jsonl_key = f"{kind}_jsonl_file"
-        return read_jsonl(settings[jsonl_key], kind, f"{prefix}.{jsonl_key}")
+        return read_jsonl(settings[jsonl_key], kind, f"{prefix}.{jsonl_key}"), []
     extensions = VIDEO_EXTENSIONS if kind == "video" else IMAGE_EXTENSIONS
-    files = list_media(directory, extensions)
+    extension = settings["caption_extension"]
+    files, unused = scan_folder(directory, extensions, companions=(extension,))
     if not files:
         suffixes = " ".join(extensions[: len(extensions) // 2])
-        raise ConfigError([(f"{prefix}.{kind}_directory", f"folder {directory} holds no {kind} files ({suffixes}); "
-                            "add some or point the key at the right folder")])
-    extension = settings["caption_extension"]
-    return [Record(media=f, caption=None, caption_path=f.with_name(f.stem + extension), controls=None, where="")
-            for f in files]
+        found = f" (it holds {len(unused)} other entr{'y' if len(unused) == 1 else 'ies'}, e.g. {unused[0][0].name}: " \
+                f"{unused[0][1]})" if unused else ""
+        raise ConfigError([(f"{prefix}.{kind}_directory", f"folder {directory} holds no {kind} files ({suffixes})"
+                            f"{found}; add some or point the key at the right folder")])
+    records = [Record(media=f, caption=None, caption_path=f.with_name(f.stem + extension), controls=None, where="")
+               for f in files]
+    return records, [Skip(str(path), reason) for path, reason in unused]
 
 
 def _control_lists(records: list[Record], settings: dict) -> dict[Path, list[Path] | MediaError]:
@@ -166,8 +173,9 @@ def _control_buckets(controls: list[Path], kind: str, bucket: tuple[int, int], s
 
 
 def _scan_record(record: Record, controls: list[Path] | MediaError | None, settings: dict, index: int,
-                 target_fps: float, step: int) -> list[Item]:
-    """Items of one media file; raises MediaError if the file, its caption or its controls cannot be used."""
+                 target_fps: float, step: int, notes: dict[str, list[str]]) -> list[Item]:
+    """Items of one media file; raises MediaError if the file, its caption or its controls cannot be used.
+    What the user should know about usable media (alpha dropped, extreme resizing) goes into `notes`."""
     if record.problem:
         raise MediaError(record.media, record.problem)
     caption = record.caption if record.caption is not None else read_caption(record.caption_path)
@@ -175,7 +183,9 @@ def _scan_record(record: Record, controls: list[Path] | MediaError | None, setti
         raise controls
     kind = settings["kind"]
     if kind == "image":
-        size, clips, source_fps, item_fps = image_size(record.media), [(0, 1)], None, None
+        (size, alpha), clips, source_fps, item_fps = image_info(record.media), [(0, 1)], None, None
+        if alpha:
+            notes.setdefault("alpha", []).append(record.media.name)
     else:
         size, clips = _clips(record.media, settings, target_fps)
         source_fps, item_fps = settings["source_fps"], target_fps
@@ -184,6 +194,9 @@ def _scan_record(record: Record, controls: list[Path] | MediaError | None, setti
                                settings["bucket_no_upscale"], step)
     except ValueError as exc:
         raise MediaError(record.media, f"{exc}; use a larger picture or set bucket_no_upscale = false") from None
+    resized = _extreme_resize(size, bucket)
+    if resized:
+        notes.setdefault(resized[0], []).append(f"{record.media.name} {resized[1]}")
     controls = list(controls or ())
     control_buckets = _control_buckets(controls, kind, bucket, settings, step) if controls else []
     caption_path = str(record.caption_path) if record.caption_path else None
@@ -217,10 +230,10 @@ def scan_dataset(entry: dict, index: int, target_fps: float, key_prefix: str,
         problems += _folder_exists(settings, key, key_prefix)
     if problems:
         raise ConfigError(problems)
-    records = _records(settings, key_prefix)
+    records, skips = _records(settings, key_prefix)
     control_lists = _control_lists(records, settings)
     items: list[Item] = []
-    skips: list[Skip] = []
+    notes: dict[str, list[str]] = {}
     seen: dict[str, str] = {}
     for record in records:
         media = record.media
@@ -232,10 +245,39 @@ def scan_dataset(entry: dict, index: int, target_fps: float, key_prefix: str,
             continue
         controls = record.controls if record.controls is not None else control_lists.get(media)
         try:
-            items.extend(_scan_record(record, controls, settings, index, target_fps, bucket_step))
+            items.extend(_scan_record(record, controls, settings, index, target_fps, bucket_step, notes))
         except MediaError as exc:
             skips.append(Skip(str(media), _where(record, _reason(exc))))
+    for kind, names in notes.items():
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        logger.warning("%s: %d %s: %s", key_prefix, len(names), NOTES[kind], shown)
     return items, skips
+
+
+# What the scan warns about (usable media, but maybe not as the user meant), per dataset entry.
+UPSCALE_WARN = 4.0  # the picture is enlarged more than this to cover its bucket
+CROP_WARN = 0.25  # less than this share of the picture's area survives the crop to its bucket
+NOTES = {
+    "alpha": "image(s) with an alpha channel: it is dropped and the colour under transparent pixels is trained "
+             "on, as in musubi-tuner; flatten them onto a background first if that colour is not meant to be seen",
+    "upscale": f"media upscaled more than {UPSCALE_WARN:g}x to their bucket (blurry training data; use larger "
+               "media or a smaller resolution, or set bucket_no_upscale = true)",
+    "crop": f"media cropped to less than {CROP_WARN:.0%} of their area by their bucket (the subject may be cut "
+            "away; set enable_bucket = true or crop them yourself)",
+}
+
+
+def _extreme_resize(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[str, str] | None:
+    """("upscale" | "crop", what happens) when covering `bucket` enlarges the media or crops it too far."""
+    (width, height), (bucket_w, bucket_h) = size, bucket
+    scale = max(bucket_w / width, bucket_h / height)
+    kept = bucket_w * bucket_h / (width * scale * height * scale)
+    change = f"{width}x{height} -> {bucket_w}x{bucket_h}"
+    if scale > UPSCALE_WARN:
+        return "upscale", f"({change}, {scale:.0f}x)"
+    if kept < CROP_WARN:
+        return "crop", f"({change} keeps {kept:.1%})"
+    return None
 
 
 def _where(record: Record, reason: str) -> str:

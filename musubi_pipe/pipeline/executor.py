@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from musubi_pipe.errors import UserError
+from musubi_pipe.errors import UserError, storage_errors
 from musubi_pipe.pipeline.fingerprint import diff_documents, fingerprint
 from musubi_pipe.pipeline.stage import Job, Stage, StageContext, select_key
 
@@ -217,13 +217,21 @@ def _run_or_reuse(job: Job, p: PlannedStage, upstream_dirs, force: bool, verify:
     if reuse:
         manifest = manifest or lookup(job, p.stage, p.fingerprint, verify)[0]
         return "cached", _cached_stats(manifest)
-    tmp = job.store.new_tmp_dir(p.stage.name, p.fingerprint)
+    with storage_errors(f"stage {p.stage.name}", job.store.root / p.stage.name):
+        tmp = job.store.new_tmp_dir(p.stage.name, p.fingerprint)
+    try:
+        with storage_errors(f"stage {p.stage.name}", tmp):
+            return _run_and_publish(job, p, upstream_dirs, force, tmp)
+    finally:  # published: gone already; failed: nothing half-written stays (its checkpoints are in .partial)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_and_publish(job: Job, p: PlannedStage, upstream_dirs, force: bool, tmp: Path):
     ctx = StageContext(job, p.stage, p.fingerprint, p.doc, tmp, upstream_dirs, force=force)
     started = time.perf_counter()
     stats = p.stage.run(ctx) or {}
-    if not dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)  # the main process's output is the one published
-        return "ran", stats
+    if not job.dist.main:
+        return "ran", stats  # the main process's output is the one published
     manifest = {
         "inputs": p.doc,
         "stats": stats,

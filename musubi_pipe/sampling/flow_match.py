@@ -9,7 +9,8 @@ the caller: it picks the expert for the timestep, adds conditioning and applies 
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
+
+from musubi_pipe.progress import progress_bar
 
 
 def sample_latents(velocity, *, shape, steps: int, shift: float, seed: int, progress=True, init=None,
@@ -36,7 +37,7 @@ def sample_latents(velocity, *, shape, steps: int, shift: float, seed: int, prog
         timesteps = timesteps[start:]
         scheduler.set_begin_index(start)
     with torch.no_grad():
-        for timestep in tqdm(timesteps, desc="sample", disable=not progress):
+        for timestep in progress_bar(timesteps, desc="sample", disable=not progress):
             v = velocity(latents, timestep).float().cpu()
             latents = scheduler.step(v, timestep, latents, return_dict=False)[0]
     return latents

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 
 from musubi_pipe.pipeline.stage import Job, Stage, StageContext
+from musubi_pipe.progress import progress_bar
 from musubi_pipe.stages import common
 
 KIND = "latents"
@@ -64,7 +65,6 @@ def _encode(vae, loaded, device, dtype) -> dict:
 
 def run(ctx: StageContext) -> dict:
     import torch
-    from tqdm import tqdm
 
     from musubi_pipe.data.loader import iter_loaded
     from musubi_pipe.errors import MediaError
@@ -83,7 +83,7 @@ def run(ctx: StageContext) -> dict:
         by_item = {id(item): key for key, item in mine.items()}
         loaded = iter_loaded(list(mine.values()), _loader(common.uses_controls(job)), workers)
         show = ctx.runtime.get("progress", True) and job.dist.main
-        progress = tqdm(loaded, total=len(mine), desc="cache_latents", disable=not show)
+        progress = progress_bar(loaded, total=len(mine), desc="cache_latents", disable=not show)
         with torch.no_grad():
             for item, result in progress:
                 key = by_item[id(item)]

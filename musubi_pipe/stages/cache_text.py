@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from musubi_pipe.pipeline.stage import Job, Stage, StageContext
+from musubi_pipe.progress import progress_bar
 from musubi_pipe.stages import common
 
 KIND = "text"
@@ -32,7 +33,6 @@ def encode_texts(job: Job, texts: list[str], force: bool = False, progress: bool
     """Make sure every text has its entry in the store (this process's share, with several); return
     ({text: entry key}, how many were encoded here and elsewhere). Used by cache_text and generate."""
     import torch
-    from tqdm import tqdm
 
     keys = {text: common.text_key(job, text) for text in texts}
     todo = [t for t in texts if force or not job.store.has_item(KIND, keys[t])]
@@ -43,7 +43,7 @@ def encode_texts(job: Job, texts: list[str], force: bool = False, progress: bool
         encoder = common.family(job).load_text_encoder(common.model_cfg(job), device, dtype, fp8=common.text_fp8(job))
         batches = [mine[i : i + BATCH] for i in range(0, len(mine), BATCH)]
         with torch.no_grad():
-            for batch in tqdm(batches, desc="text encoder", disable=not (progress and job.dist.main)):
+            for batch in progress_bar(batches, desc="text encoder", disable=not (progress and job.dist.main)):
                 for text, tensors in zip(batch, encoder.encode(batch)):
                     stored = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in tensors.items()}
                     job.store.save_item(KIND, keys[text], stored)

@@ -8,6 +8,7 @@ into place; a folder without its `COMPLETE` marker is ignored. Only the newest `
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -15,7 +16,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from musubi_pipe.errors import storage_errno
 
 COMPLETE = "COMPLETE"
 
@@ -25,8 +28,29 @@ def save_checkpoint(root: Path, step: int, *, network_state: dict, optimizer, sc
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, network_state, optimizer, scheduler, generator, state, step)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays
+        code = storage_errno(err)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(final)) from err
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, network_state: dict, optimizer, scheduler, generator, state: dict, step: int) -> None:
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in network_state.items()}, str(tmp / "network.safetensors"))
+    # serialized in memory and written by Python, so a full disk raises OSError (torch.save and safetensors
+    # would report it as their own errors without the errno)
+    (tmp / "network.safetensors").write_bytes(
+        save({k: v.detach().contiguous().cpu() for k, v in network_state.items()}))
+    states = io.BytesIO()
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -35,18 +59,13 @@ def save_checkpoint(root: Path, step: int, *, network_state: dict, optimizer, sc
             "torch_cpu": torch.get_rng_state(),
             "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
-        tmp / "states.pt",
+        states,
     )
+    (tmp / "states.pt").write_bytes(states.getbuffer())
     python_state = random.getstate()
     doc = dict(state, step=step, python_random=[python_state[0], list(python_state[1]), python_state[2]])
     (tmp / "state.json").write_text(json.dumps(doc))
     (tmp / COMPLETE).write_text("")
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

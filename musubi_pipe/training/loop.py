@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from musubi_pipe.network.factory import build_network, load_network_weights, param_groups
 from musubi_pipe.network.loraid import allocation_from_config, modules_by_expert
 from musubi_pipe.errors import UserError
+from musubi_pipe.progress import progress_bar
 from musubi_pipe.pipeline.distributed import Dist, fsdp_requested, shard_frozen
 from musubi_pipe.network.lora import LoRANetwork
 from musubi_pipe.network.formats import read_lora_file
@@ -188,7 +188,7 @@ class Trainer:
         N processes train exactly what one process does with N times the accumulation."""
         accum, world = self.cfg["training"]["gradient_accumulation_steps"], self.dist.world
         show = self.progress and self.dist.main
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not show)
+        bar = progress_bar(total=self.max_steps, initial=self.step, desc="train", disable=not show)
         for dit in self.dits.values():
             dit.train()
         if self.step == 0 and self.cfg.get("sampling", {}).get("sample_at_first"):
