@@ -262,6 +262,22 @@ def test_folder_expansion(run4, tmp_path):
         collect_checkpoints([empty])
 
 
+def test_a_runs_checkpoint_folder_brings_its_final_lora(tmp_path):
+    """The run folder's lora_checkpoints/ (what docs/tools.md shows) misses the last steps without lora/."""
+    run = tmp_path / "runs" / "20261203_120000_demo"
+    (run / "lora_checkpoints").mkdir(parents=True)
+    (run / "lora").mkdir()
+    (run / "run.json").write_text("{}")
+    checkpoints = [_write(run / "lora_checkpoints" / f"l-step{100 * c:08d}.safetensors", c, 100 * c) for c in (1, 2)]
+    final = _write(run / "lora" / "l.safetensors", 3, 250)  # the final step is not a checkpoint step
+    files, notes = collect_checkpoints([run / "lora_checkpoints"])
+    assert files == [*checkpoints, final] and "added the run's final LoRA" in notes[0]
+    assert collect_checkpoints([run])[0] == [*checkpoints, final]  # the run folder itself
+    twin = _write(run / "lora_checkpoints" / "l-step00000250.safetensors", 3, 250)  # final step saved too
+    files, notes = collect_checkpoints([run])
+    assert files == [*checkpoints, twin] and any("same step and tensors" in n for n in notes)
+
+
 # -- command line ------------------------------------------------------------------------------
 def _cli(*argv: str) -> int:
     parser = argparse.ArgumentParser()

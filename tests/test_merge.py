@@ -364,6 +364,12 @@ def test_cli_merges_and_reports(built, two_loras, tmp_path, capsys):
     assert "merged 20 lora modules x 0.5 from" in printed and "merged 20 lora modules x 1 from" in printed
     assert f"wrote {out}" in printed and "69 tensors (20 changed)" in printed
     assert_same_file_tensors(out, two_loras[1])
+    before = out.stat().st_mtime_ns
+    with pytest.raises(UserError, match=r"--output .*cli\.safetensors exists .* pass --overwrite"):
+        merge_tool.main(args)  # an existing output is kept unless asked
+    assert out.stat().st_mtime_ns == before
+    args.overwrite = True
+    assert merge_tool.main(args) == 0 and out.stat().st_mtime_ns != before
 
 
 def test_parse_lora():

@@ -183,7 +183,9 @@ def order_checkpoints(paths: Sequence[str | Path]) -> list[tuple[Path, int]]:
 def collect_checkpoints(args: Sequence[str | Path], exclude: Sequence[str | Path] = ()) -> tuple[list[Path], list[str]]:
     """Expand the command-line arguments into LoRA files; return (files, notes on what a folder skipped).
 
-    A file is taken as given. A folder stands for its `*.safetensors` files (not recursive) except:
+    A file is taken as given. A run folder stands for its lora_checkpoints/ and lora/ folders, and a run's
+    lora_checkpoints/ brings its lora/ along (the final LoRA). A folder stands for its `*.safetensors` files
+    (not recursive) except:
     files without `ss_steps` metadata (final or converted LoRAs of unknown step), earlier EMA results
     (`ss_ema`), the paths in `exclude` (the output), and a second file with the same step and the
     same tensors (`sshs_model_hash`) as another, as when the last step's checkpoint equals the final LoRA.
@@ -191,11 +193,11 @@ def collect_checkpoints(args: Sequence[str | Path], exclude: Sequence[str | Path
     excluded = {Path(p).resolve() for p in exclude}
     files: list[Path] = []
     notes: list[str] = []
-    for arg in map(Path, args):
+    seen: dict[tuple[str, str], Path] = {}
+    for arg, implied in _run_folders(map(Path, args), notes):
         if not arg.is_dir():
             files.append(arg)
             continue
-        seen: dict[tuple[str, str], Path] = {}
         found = 0
         for path in sorted(arg.glob("*.safetensors")):
             meta = read_checkpoint(path).metadata
@@ -214,9 +216,28 @@ def collect_checkpoints(args: Sequence[str | Path], exclude: Sequence[str | Path
                 found += 1
                 continue
             notes.append(f"skipped {path} ({reason})")
-        if not found:
+        if not found and not implied:
             raise UserError(f"{arg}: no LoRA file with ss_steps metadata in this folder; name the files instead")
     return files, notes
+
+
+def _run_folders(args, notes: list[str]):
+    """(path, implied) pairs: a musubi_pipe run folder (it holds run.json) stands for its lora_checkpoints/ and
+    lora/ folders, and a run's lora_checkpoints/ brings the final LoRA of lora/ along (implied: True), so the
+    last steps of training are never left out of the average."""
+    for arg in args:
+        run = arg if (arg / "run.json").is_file() else arg.parent if arg.name == "lora_checkpoints" and \
+            (arg.parent / "run.json").is_file() else None
+        if run is None:
+            yield arg, False
+            continue
+        if arg == run:
+            yield from ((run / name, name == "lora") for name in ("lora_checkpoints", "lora") if (run / name).is_dir())
+        else:
+            yield arg, False
+            if (run / "lora").is_dir():
+                notes.append(f"added the run's final LoRA from {run / 'lora'} (name the files to leave it out)")
+                yield run / "lora", True
 
 
 # -- checks ------------------------------------------------------------------------------------

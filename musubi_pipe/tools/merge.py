@@ -3,7 +3,7 @@
     python -m musubi_pipe.tools merge --dit DIT [--dit SHARD2 ...] --lora LORA[:MULT] [--lora ...]
                                       --output OUT.safetensors [--dtype bfloat16|float16|float32]
                                       [--device cpu|cuda] [--include REGEX ...] [--exclude REGEX ...]
-                                      [--expert high_noise|low_noise]
+                                      [--expert high_noise|low_noise] [--overwrite]
 
 Writes W + sum(multiplier * dW) for every module the LoRAs target; every other tensor is copied. The
 output uses the official Wan key names (blocks.0.self_attn.q.weight, ...), so ComfyUI, musubi-tuner
@@ -16,6 +16,7 @@ and musubi_pipe (model.dit=OUT.safetensors) load it. Its metadata lists the merg
 --lora     a LoRA, LoHa or LoKr file, optionally with :MULTIPLIER (default 1.0, may be negative);
            repeat for several LoRAs. musubi/sd-scripts (lora_unet_*), ComfyUI/diffusion-pipe
            (diffusion_model.*), diffusers/PEFT (transformer.*), ai-toolkit and Wan-Fun files are read
+--output   refused when the file exists, unless --overwrite is given
 --dtype    output dtype of every float tensor (default: keep each tensor's; fp8 is upcast)
 --device   where dW is computed in float32 (default cpu; a GPU helps with LoHa/LoKr or a slow CPU,
            plain LoRAs merge about as fast on the CPU: reading and writing dominate)
@@ -44,6 +45,7 @@ into each file in turn.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from musubi_pipe.errors import UserError
 
@@ -68,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", required=True, type=parse_lora, metavar="LORA[:MULT]",
                         help="a LoRA file and its multiplier (default 1.0); repeat for several")
     parser.add_argument("--output", required=True, metavar="OUT.safetensors", help="the merged DiT to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="output dtype of float tensors (default: keep each tensor's, fp8 upcast)")
     parser.add_argument("--device", default="cpu", help="device computing dW: cpu (default), cuda, cuda:1, ...")
@@ -84,6 +87,10 @@ def main(args: argparse.Namespace) -> int:
     from musubi_pipe.network.merge import merge_loras
     from musubi_pipe.tools.gc import human_bytes
 
+    output = Path(args.output)
+    if (output.exists() or output.is_symlink()) and not args.overwrite:
+        raise UserError(f"--output {output} exists (a merged model takes minutes to write and much disk); pass "
+                        "--overwrite to replace it, or choose another name")
     if args.device.startswith("cuda"):
         import torch
 
