@@ -126,3 +126,15 @@ def test_progress_bars_print_lines_when_redirected():
     assert "\r" not in text and text.endswith("\n")
     lines = text.splitlines()
     assert 1 <= len(lines) <= 3 and lines[-1].startswith("train: 100%") and "500/500" in lines[-1]
+
+
+def test_a_new_recipe_is_explained_against_its_own_runs(demo):
+    plan = "pipeline.dry_run=true"
+    demo(TRAIN)
+    first = {p["name"]: p["reason"] for p in demo(plan, "name=mine", "training.output_name=mine_lora")["plan"]}
+    assert first["cache_latents"] == "cached"  # same inputs: shared with the demo's runs
+    assert first["train"] == "new: no earlier artifact of this stage for run name 'mine'"  # not "demo_lora -> mine_lora"
+    demo(TRAIN, "name=mine", "training.output_name=mine_lora")
+    again = {p["name"]: p["reason"] for p in demo(plan, "name=mine", "training.output_name=mine_lora",
+                                                  "optimizer.lr=0.0005")["plan"]}
+    assert again["train"] == "optimizer.lr 0.001 -> 0.0005"  # against mine's last run, not the demo's

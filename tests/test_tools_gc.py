@@ -203,8 +203,10 @@ def test_partial_locks_and_state_files_survive_trash_is_emptied(store):
     lock = store.cache / "cache_latents" / ".locks" / ("f" * 64 + ".lock")
     lock.parent.mkdir(parents=True)
     lock.touch()
-    keep = [store.cache / "digests.json", store.cache / "device_probe.json", store.cache / "cache_latents" / "last.json"]
+    keep = [store.cache / "digests.json", store.cache / "device_probe.json",
+            store.cache / "cache_latents" / ".last" / "demo.json"]
     for path in keep:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
     trash = store.cache / "train" / ".trash"
     (trash / "x-1-2").mkdir(parents=True)

@@ -79,7 +79,7 @@ def plan(job: Job, stages: list[Stage], selected: list[str], mode: str = "auto",
         elif mode == "force":
             reason = "pipeline.mode=force"
         else:
-            reason = problem or explain(job.store.last_inputs(stage.name), doc)
+            reason = problem or explain(job.store.last_inputs(stage.name, _run_name(job)), doc, _run_name(job))
         artifact = job.store.entry_dir(stage.name, fp) if manifest is not None else None
         planned.append(PlannedStage(stage, doc, fp, is_selected, cached, reason, artifact))
     return planned
@@ -97,10 +97,16 @@ def _needed(stages: list[Stage], selected: list[str]) -> set[str]:
     return needed
 
 
-def explain(last: dict | None, doc: dict) -> str:
-    """Say why a stage will run: the difference between its last input document and this one."""
+def _run_name(job: Job) -> str | None:
+    return job.cfg.get("name")
+
+
+def explain(last: dict | None, doc: dict, name: str | None = None) -> str:
+    """Say why a stage will run: the difference between the input document of the last run of the same
+    name (recipes set it) and this one, or that this is the first."""
     if last is None:
-        return "no earlier artifact of this stage"
+        return f"new: no earlier artifact of this stage for run name {name!r}" if name else \
+            "no earlier artifact of this stage"
     last, doc = dict(last), dict(doc)
     parts = []
     last_items, new_items = set(last.pop("items", [])), set(doc.pop("items", []))
@@ -160,7 +166,7 @@ def execute(job: Job, planned: list[PlannedStage], mode: str = "auto", verify: s
                 )
             upstream_dirs = _upstream_dirs(job, p, by_name, verify)  # only a stage that runs reads them
             status, stats = _run_locked(job, p, upstream_dirs, force=(mode == "force"), verify=verify)
-        job.store.remember(p.stage.name, p.doc)
+        job.store.remember(p.stage.name, p.doc, _run_name(job))
         p.artifact = job.store.entry_dir(p.stage.name, p.fingerprint)
         p.record = {
             "name": p.stage.name,

@@ -3,7 +3,7 @@
 Layout under the cache root:
 
     <stage>/<fingerprint>/            published outputs + manifest.json (written last)
-    <stage>/last.json                 input document of the entry used most recently (for plan diffs)
+    <stage>/.last/<run name>.json     input document of the entry a run of that name used last (plan diffs)
     <stage>/.tmp/<fp>-<pid>-<n>/      where a running stage writes; renamed into place on success
     <stage>/.partial/<fingerprint>/   resumable state of a long stage (train checkpoints)
     <stage>/.locks/<fingerprint>.lock per-key lock shared by parallel jobs
@@ -167,20 +167,26 @@ class Store:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def last_inputs(self, stage: str) -> dict | None:
-        """Return the input document of the entry this stage used last, if any."""
+    def last_inputs(self, stage: str, name: str | None = None) -> dict | None:
+        """Return the input document of the entry this stage used last in a run named `name`, if any."""
         try:
-            return json.loads((self.root / stage / "last.json").read_text())
+            return json.loads(self._last_path(stage, name).read_text())
         except (OSError, ValueError):
             return None
 
-    def remember(self, stage: str, inputs: dict) -> None:
-        """Record `inputs` as the stage's most recent input document."""
-        path = self.root / stage / "last.json"
+    def remember(self, stage: str, inputs: dict, name: str | None = None) -> None:
+        """Record `inputs` as the stage's most recent input document for runs named `name`."""
+        path = self._last_path(stage, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"last.{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(inputs))
         os.replace(tmp, path)
+
+    def _last_path(self, stage: str, name: str | None) -> Path:
+        """<stage>/.last/<run name>.json: plans compare a run with the last of the same name (recipe), not
+        with whatever another recipe ran last."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (name or "_")).lstrip(".") or "_"
+        return self.root / stage / ".last" / f"{safe}.json"
 
     # -- item entries ----------------------------------------------------------------------
     def item_path(self, kind: str, key: str) -> Path:

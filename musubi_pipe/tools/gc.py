@@ -28,7 +28,7 @@ Never removed:
     publishes its index, and is never robbed;
   - an artifact whose lock <stage>/.locks/<fingerprint>.lock another process holds (reported);
     while any lock of an item stage is held (that stage is computing), no item of its kind goes;
-  - <stage>/.partial/ (resumable training state), .locks/, last.json, digests.json,
+  - <stage>/.partial/ (resumable training state), .locks/, .last/, digests.json,
     device_probe.json.
 
 Best run when no run is starting: a run that found an old unreferenced item in place while gc
