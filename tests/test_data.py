@@ -265,7 +265,7 @@ def test_scan_images_with_caption_problems(tmp_path):
     (tmp_path / "c.txt").write_text(" \n", encoding="utf-8")
     (tmp_path / "d.txt").write_bytes(b"caf\xe9 au lait")  # latin-1, not UTF-8
     (tmp_path / "e.txt").write_text("garbage")
-    media.write_png(tmp_path / "sub" / "z.png", pixels)  # subfolders are not scanned
+    media.write_png(tmp_path / "sub" / "z.png", pixels)  # subfolders are not scanned (and are listed)
     items, skips = scan_dataset(_image_entry(tmp_path), 2, 16.0, "dataset.datasets[2]")
 
     assert items == [
@@ -274,11 +274,12 @@ def test_scan_images_with_caption_problems(tmp_path):
              source_size=(64, 64), source_fps=None, target_fps=None)
     ]  # fmt: skip
     assert items[0].key == "a_00000-001_256x256"
-    assert [os.path.basename(s.path) for s in skips] == ["b.png", "c.png", "d.png", "e.png"]
+    assert [os.path.basename(s.path) for s in skips] == ["b.png", "c.png", "d.png", "e.png", "sub"]
     assert skips[0].reason.startswith("no caption file b.txt")
     assert skips[1].reason.startswith("caption file c.txt is empty")
     assert skips[2].reason.startswith("caption file d.txt is not UTF-8")
     assert skips[3].reason.startswith("not a readable image")
+    assert skips[4].reason.startswith("a folder: folders inside a dataset folder are not read")
 
 
 def test_scan_images_buckets_and_same_stem(tmp_path):

@@ -24,7 +24,7 @@ def test_claimed_run_folders_are_unique_in_the_same_second(tmp_path, monkeypatch
     assert Path(claim_run_dir(str(tmp_path), "demo")).name == "20261203_120000_demo"
 
 
-def test_disk_full_during_a_checkpoint_is_named_and_recorded(demo, monkeypatch):
+def test_disk_full_during_a_checkpoint_is_named_and_recorded(demo, monkeypatch, capsys):
     real = Path.write_bytes
 
     def full_disk(self, data):
@@ -53,9 +53,13 @@ def test_disk_full_during_a_checkpoint_is_named_and_recorded(demo, monkeypatch):
     assert not list((train / ".tmp").iterdir()) and not list(train.glob(".partial/*/.step_*"))  # nothing half-written
 
     monkeypatch.setattr(Path, "write_bytes", real)
+    capsys.readouterr()
     ok = demo(TRAIN)
     assert ok["status"] == "ok" and stage(ok, "train")["status"] == "ran"
     assert json.loads((Path(ok["run_dir"]) / "run.json").read_text())["error"] is None
+    printed = capsys.readouterr().out.splitlines()  # the end of a run names the run folder and its links
+    assert printed[-3:] == [f"run folder: {ok['run_dir']}", "  lora/: demo_lora.safetensors",
+                            "  samples/: sample_00.png, sample_01.mp4"]
 
 
 def test_storage_errors_name_path_and_fix(tmp_path):

@@ -88,11 +88,20 @@ def test_corrupt_lora_is_not_handed_back(demo):
 def test_published_files_follow_the_umask(tmp_path, mask):
     from musubi_pipe.network.lora_file import save_lora_file
 
+    import numpy as np
+
+    from musubi_pipe.data.media import write_mp4, write_png
+    from musubi_pipe.network.safetensors_stream import plan_layout, write_streaming
+
     old = os.umask(mask)
     try:
         save_lora_file(tmp_path / "l.safetensors", {"a": torch.zeros(2)}, {})
         write_item(tmp_path / "i.safetensors", {"a": torch.zeros(2)})
+        write_png(tmp_path / "s.png", np.zeros((8, 8, 3), np.uint8))
+        write_mp4(tmp_path / "s.mp4", np.zeros((3, 16, 16, 3), np.uint8), 16.0)
+        order, header, size = plan_layout(["a"], {"a": "F32"}, {"a": (2,)}, {})
+        write_streaming(tmp_path / "m.safetensors", header, size, order, lambda name: torch.zeros(2))
     finally:
         os.umask(old)
-    for name in ("l.safetensors", "i.safetensors"):
+    for name in ("l.safetensors", "i.safetensors", "s.png", "s.mp4", "m.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask

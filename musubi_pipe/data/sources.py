@@ -248,6 +248,8 @@ def scan_dataset(entry: dict, index: int, target_fps: float, key_prefix: str,
             items.extend(_scan_record(record, controls, settings, index, target_fps, bucket_step, notes))
         except MediaError as exc:
             skips.append(Skip(str(media), _where(record, _reason(exc))))
+    if settings[f"{settings['kind']}_directory"] is not None:
+        skips.sort(key=lambda skip: skip.path)  # a folder's files by name (JSONL skips stay in line order)
     for kind, names in notes.items():
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         logger.warning("%s: %d %s: %s", key_prefix, len(names), NOTES[kind], shown)
