@@ -53,6 +53,7 @@ def run(cfg: DictConfig | dict, run_dir: str | os.PathLike, overrides: list[str]
         with storage_errors("starting the run", run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_config(run_dir, container)
+            _write_record(dist, run_dir, record)  # status "running": even a SIGKILLed run leaves its record
     with _run_log(run_dir if dist.main else None, container):
         try:
             return _run(container, run_dir, dist, record, started, list(overrides))
