@@ -125,6 +125,9 @@ def test_killed_training_resumes(tmp_path):
         proc.wait(60)
     assert list(partial.glob("*/step_*/COMPLETE")), "training ended before its first checkpoint"
     assert not list((tmp_path / "cache" / "train").glob("[0-9a-f]*"))  # nothing published
+    killed = json.loads(next(tmp_path.glob("runs/*/run.json")).read_text())  # SIGKILL: the last record written
+    assert killed["status"] == "running" and [(s["name"], s["status"]) for s in killed["stages"]] == [
+        ("cache_latents", "ran"), ("cache_text", "ran"), ("train", "pending")]
     out = _cli(*args)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(tmp_path.glob("runs/*/run.json"), key=lambda p: p.stat().st_mtime)
