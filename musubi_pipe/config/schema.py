@@ -158,6 +158,11 @@ SCHEMA: dict[str, dict] = {
     },
 }
 
+# pipeline.stages names, in execution order (stages/__init__.py builds the list; a test keeps the two equal)
+STAGE_NAMES = ("cache_latents", "cache_text", "train", "sample", "ema", "merge", "generate")
+# stages that read the dataset (directly or through their upstream stages)
+DATASET_STAGES = ("cache_latents", "cache_text", "train", "sample", "ema", "merge")
+
 PROMPT_KEYS = {
     "prompt": "str",
     "negative_prompt": "str?",

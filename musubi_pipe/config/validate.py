@@ -26,13 +26,13 @@ def _schema_for(cfg: dict) -> dict:
 def check_structure(cfg: dict) -> list[tuple[str, str]]:
     """Return schema problems of the whole config (no file access)."""
     from musubi_pipe.data.dataset_config import check_datasets
-    from musubi_pipe.stages import STAGE_NAMES
+    from musubi_pipe.config.schema import STAGE_NAMES
 
     body = {k: v for k, v in cfg.items() if k != "hydra"}
     problems = check_mapping("", body, _schema_for(cfg))
     dataset = body.get("dataset") or {}
     stages = (body.get("pipeline") or {}).get("stages") or []
-    from musubi_pipe.stages import DATASET_STAGES
+    from musubi_pipe.config.schema import DATASET_STAGES
 
     needs_data = any(name in DATASET_STAGES for name in stages)
     if isinstance(dataset, dict) and dataset.get("datasets") == [] and needs_data:
@@ -184,7 +184,7 @@ def _check_stages(cfg: dict) -> list[tuple[str, str]]:
     """The checks of what the selected stages need: experts, dataset features, memory, prompts, formats."""
     from musubi_pipe.memory.settings import memory_problems
     from musubi_pipe.models import get_family
-    from musubi_pipe.stages.sample import check_embedded_guidance, check_prompts
+    from musubi_pipe.sampling.settings import check_embedded_guidance, check_generate, check_prompts
 
     family = get_family(cfg["model"]["arch"])
     stages = cfg["pipeline"]["stages"]
@@ -195,8 +195,6 @@ def _check_stages(cfg: dict) -> list[tuple[str, str]]:
     if "sample" in stages or ("generate" in stages and not cfg["sampling"].get("latents")):
         problems += check_prompts(cfg["sampling"], family.geometry(cfg["model"]), family.sample_image(cfg["model"]))
     if "generate" in stages:
-        from musubi_pipe.stages.generate import check_generate
-
         problems += check_generate(cfg["sampling"])
     return problems
 

@@ -134,8 +134,79 @@ class LoraNaming(Protocol):
         their own code, docs/training.md's table. Empty: both apply every module."""
 
 
-class Family(Protocol):
-    """One architecture family (Wan, HunyuanVideo, ...), found through models.get_family(arch)."""
+def required(method):
+    """Mark a Family method every family must define (checked when the family's class is created)."""
+    method.__required__ = True
+    return method
+
+
+@dataclass
+class SampleRequest:
+    """One prompt to denoise, as `Family.sample` gets it.
+
+    prompt: the resolved settings (sampling/settings.py: width, height, frames, seed, steps, shift, guidance_scale,
+    guidance_scale_high, strength, ...); cond: its conditioning tensors on the CPU (start image latents, embedded
+    "guidance", "init_latents" for video-to-video, reference latents); positive / negative: the text embeddings of
+    the prompt and the negative prompt (one dict per pass, as TextEncoder.encode made them); experts and dits (an
+    ExpertDits) as loaded, LoRAs applied or not.
+    """
+
+    prompt: dict
+    cond: dict
+    positive: list
+    negative: list
+    experts: list
+    dits: Any
+    device: Any
+    progress: bool = True
+
+
+class Family:
+    """One architecture family (Wan, HunyuanVideo, ...), found through models.get_family(arch).
+
+    A family is a subclass holding its settings as class attributes and defining every `@required` method;
+    a subclass that misses one fails when it is created, at import, naming what is missing. The sampling
+    members (`sample`, `latent_shape`, `sampling_shift`, `guidance_style`) have defaults that serve most
+    models: docs/architectures.md says when to override them.
+    """
+
+    # class attributes every family sets (checked at class creation, like the @required methods)
+    REQUIRED_ATTRIBUTES = ("name", "modelspec_arch", "model_keys", "text_dtype_key", "lora_naming", "fp8_text_key",
+                           "fp8_layers", "supports_loraid", "lora_default_excludes")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [a for a in cls.REQUIRED_ATTRIBUTES if not hasattr(cls, a)]
+        missing += [name for name, member in vars(Family).items()
+                    if getattr(member, "__required__", False) and getattr(cls, name) is member]
+        if missing:
+            raise TypeError(f"architecture family {cls.__name__} does not define {', '.join(missing)} "
+                            "(models/base.py, Family, says what each is)")
+
+    image_only: bool = False  # True: the model takes images only (a video dataset or frames > 1 is a config error)
+    # how sampling guides: "cfg" (classifier-free with the negative prompt; guidance_scale 1 skips the negative
+    # pass), or "none" for distilled models (never a negative pass); embedded guidance rides in cond["guidance"]
+    guidance_style: str = "cfg"
+
+    def latent_shape(self, model_cfg: dict, prompt: dict) -> tuple[int, ...]:
+        """The shape [1, C, F, H, W] of the latents one prompt samples."""
+        geometry = self.geometry(model_cfg)
+        st, sh, sw = geometry.vae_stride
+        return (1, geometry.latent_channels, (prompt["frames"] - 1) // st + 1, prompt["height"] // sh,
+                prompt["width"] // sw)
+
+    def sampling_shift(self, model_cfg: dict, prompt: dict, latent_shape) -> float:
+        """The flow shift of the sampling schedule: the prompt's (a family whose shift depends on the image's
+        token count, as FLUX and Qwen-Image do, computes it from `latent_shape`)."""
+        return prompt["shift"]
+
+    def sample(self, model_cfg: dict, request: SampleRequest):
+        """Denoise one prompt; return its latents [1, C, F, H, W] (float32, CPU). The default is the flow-matching
+        Euler loop (sampling/denoise.py) with expert routing and `guidance_style`; a model that samples in
+        sections (FramePack) or needs another loop overrides it."""
+        from musubi_pipe.sampling.denoise import flow_match_sample
+
+        return flow_match_sample(self, model_cfg, request)
 
     name: str  # full architecture name, written as ss_base_model_version
     modelspec_arch: str  # SAI ModelSpec architecture id of its LoRA files
@@ -146,61 +217,81 @@ class Family(Protocol):
     # (include, exclude) substrings of the DiT's module names whose Linears memory.fp8_base stores in fp8
     fp8_layers: tuple[tuple[str, ...], tuple[str, ...]]
 
-    def geometry(self, model_cfg: dict) -> Geometry: ...
+    @required
+    def geometry(self, model_cfg: dict) -> Geometry:
+        raise NotImplementedError
 
+    @required
     def experts(self, model_cfg: dict) -> list[Expert]:
         """The model's DiTs, highest timesteps first; one expert named "" for single-DiT models."""
 
+    @required
     def sample_image(self, model_cfg: dict) -> str:
         """Whether sampling takes a conditioning image: "required", "optional" or "none"."""
 
+    @required
     def sampling_defaults(self, model_cfg: dict) -> dict:
         """Defaults for sampling keys left null: steps, shift, guidance_scale, guidance_scale_high, negative_prompt,
         fps, and embedded_guidance_scale for models with embedded guidance (absent: setting it is an error)."""
 
     supports_loraid: bool  # whether network.loraid can allocate units of this family's models (network/loraid.py)
 
+    @required
     def check_stages(self, model_cfg: dict, stages) -> list[tuple[str, str]]:
         """Problems with running these pipeline stages on this model (e.g. training an inference-only task)."""
 
+    @required
     def uses_controls(self, model_cfg: dict) -> bool:
         """Whether the task trains with control media (then cache_latents encodes them as "control_latents_<i>")."""
 
+    @required
     def check_config(self, model_cfg: dict) -> list[tuple[str, str]]:
         """Return (key, message) problems with the model config and its files; never imports torch."""
 
+    @required
     def weight_files(self, model_cfg: dict, part: str, expert: str = "") -> list[Path]:
         """Return every file whose content determines `part` ("vae", "text", "dit" of `expert`)."""
 
+    @required
     def encoder_identity(self, model_cfg: dict, part: str) -> dict:
         """Return the settings besides file content that determine `part`'s outputs."""
 
+    @required
     def training_identity(self, model_cfg: dict) -> dict:
         """Return the model settings besides weights that change training (task, resolved boundary...)."""
 
-    def load_vae(self, model_cfg: dict, device, dtype) -> VAE: ...
+    @required
+    def load_vae(self, model_cfg: dict, device, dtype) -> VAE:
+        raise NotImplementedError
 
+    @required
     def load_text_encoder(self, model_cfg: dict, device, dtype, fp8: bool = False) -> TextEncoder:
         """The frozen text encoder(s); `fp8` stores the Linear weights of the one fp8_text_key names in fp8."""
 
+    @required
     def load_dit(self, model_cfg: dict, device, dtype, expert: str = ""): ...
 
+    @required
     def blocks(self, dit) -> list[Any]:
         """The DiT's repeated transformer blocks, in order (the units of FSDP sharding and block swap)."""
 
+    @required
     def num_blocks(self, model_cfg: dict) -> int:
         """len(blocks(dit)), known without loading (memory.blocks_to_swap is checked against it)."""
 
+    @required
     def model_size(self, model_cfg: dict) -> str:
         """The size class memory presets key their tables by: "wan_14b", "wan_1.3b", "hunyuan_video", "tiny", ..."""
 
     # musubi-tuner's default exclude patterns for this architecture, always appended to network.exclude_patterns
     lora_default_excludes: tuple[str, ...]
 
+    @required
     def lora_targets(self, dit) -> dict[str, Any]:
         """Return {official module name: torch.nn.Linear} of the LoRA candidates: every Linear of the blocks
         musubi-tuner's network module wraps (lora_default_excludes and the network patterns choose among them)."""
 
+    @required
     def training_inputs(self, model_cfg: dict, latents, noise, t, timesteps, cached: dict, generator,
                         conventions: str = "musubi") -> TrainingInputs:
         """Build one step's inputs from clean latents, noise, t [B] in [0, 1], the model timesteps [B] the loop
@@ -208,9 +299,11 @@ class Family(Protocol):
         extras. `conventions` ("musubi" or "exact") is for what else musubi-tuner computes its own way (e.g.
         HunyuanVideo's training guidance)."""
 
+    @required
     def predict(self, dit, noisy_latents, timesteps, text_embeds: list, cond: dict | None = None) -> Any:
         """Run the DiT: noisy latents [B, C, F, H, W], timesteps [B] in [0, 1000], text embeddings per item
         (the dicts TextEncoder.encode made), `cond` the batched conditioning (TrainingInputs.cond, or sampling's)."""
 
+    @required
     def build_tiny(self, root: Path, task: str) -> dict[str, str]:
         """Write a tiny deterministic model of `task` in the formats users download; return {model key: path}."""

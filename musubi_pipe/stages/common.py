@@ -20,6 +20,8 @@ log = logging.getLogger("musubi_pipe")
 
 LATENT_FORMAT = 1  # bump when the stored latent layout changes
 TEXT_FORMAT = 1
+TEXT_KIND = "text"  # the store's item kind of text embeddings
+TEXT_BATCH = 8  # texts per text-encoder call
 
 
 def family(job: Job):
@@ -240,7 +242,7 @@ def text_entry(job: Job, key: str, device=None, dtype=None) -> dict:
     moved to `device` and cast to `dtype` when given."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(job.store.item_path("text", key)))
+    tensors = load_file(str(job.store.item_path(TEXT_KIND, key)))
     if device is None and dtype is None:
         return tensors
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
@@ -278,10 +280,62 @@ def upstream_stats(ctx, name: str) -> dict:
 
 def sample_texts(job: Job) -> list[str]:
     """Return the sampling prompts and negative prompts (the task's default where unset) that cache_text must encode."""
-    from musubi_pipe.stages.sample import prompt_settings
+    from musubi_pipe.sampling.settings import prompt_settings
 
-    defaults = family(job).sampling_defaults(model_cfg(job))
     texts = []
-    for prompt in prompt_settings(job.cfg["sampling"], defaults):
+    for prompt in prompt_settings(job.cfg["sampling"], sampling_defaults(job)):
         texts += [prompt["prompt"], prompt["negative_prompt"]]
     return texts
+
+
+def sampling_defaults(job: Job) -> dict:
+    return family(job).sampling_defaults(model_cfg(job))
+
+
+def sampling_inputs(job: Job) -> dict:
+    """What sampled media depend on besides the LoRA and the prompts' text entries: the DiT weights, the model
+    settings, the task's sampling defaults, the VAE and the conditioning media (sample and generate stages)."""
+    from musubi_pipe.sampling.settings import prompt_settings
+
+    fam, model = family(job), model_cfg(job)
+    return {
+        "dit": dit_document(job, fam.experts(model)),
+        "model": fam.training_identity(model),
+        "defaults": sampling_defaults(job),
+        "vae": job.cached("vae_doc", lambda: encoder_document(job, "vae", "vae_dtype")),
+        **conditioning_media(job, prompt_settings(job.cfg["sampling"])),
+    }
+
+
+def conditioning_media(job: Job, prompts: list[dict]) -> dict:
+    """Digests of the prompts' start images and video-to-video inputs (part of what their samples depend on)."""
+    images = sorted({p["image"] for p in prompts if p["image"]})
+    videos = sorted({p["video"] for p in prompts if p.get("video")})
+    media = {"images": {path: job.digests.digest(path) for path in images}}
+    if videos:  # only when used: a run without video-to-video keeps the fingerprints it had before the feature
+        media["videos"] = {path: media_digest(job, path) for path in videos}
+    return media
+
+
+def encode_texts(job: Job, texts: list[str], force: bool = False, progress: bool = True) -> tuple[dict[str, str], int]:
+    """Make sure every text has its entry in the store (this process's share, with several); return
+    ({text: entry key}, how many were encoded here and elsewhere). Used by cache_text and generate."""
+    import torch
+
+    from musubi_pipe.progress import progress_bar
+
+    keys = {text: text_key(job, text) for text in texts}
+    todo = [t for t in texts if force or not job.store.has_item(TEXT_KIND, keys[t])]
+    mine = job.dist.shard(todo)  # several processes: each encodes its share
+    if mine:
+        device = resolve_device(job)
+        dtype = torch_dtype(resolve_dtype(job, text_dtype_key(job)))
+        encoder = family(job).load_text_encoder(model_cfg(job), device, dtype, fp8=text_fp8(job))
+        batches = [mine[i : i + TEXT_BATCH] for i in range(0, len(mine), TEXT_BATCH)]
+        with torch.no_grad():
+            for batch in progress_bar(batches, desc="text encoder", disable=not (progress and job.dist.main)):
+                for text, tensors in zip(batch, encoder.encode(batch)):
+                    stored = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in tensors.items()}
+                    job.store.save_item(TEXT_KIND, keys[text], stored)
+        del encoder
+    return keys, len(todo)

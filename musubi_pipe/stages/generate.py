@@ -24,59 +24,24 @@ from __future__ import annotations
 import logging
 
 from musubi_pipe.pipeline.stage import Job, Stage, StageContext
+from musubi_pipe.sampling.settings import prompt_settings
 from musubi_pipe.stages import common
 
 log = logging.getLogger("musubi_pipe")
-OUTPUT_TYPES = ("video", "images", "latent", "both")
-EXPERT_CHOICES = ("both", "high", "low")
 
 
 def _prompts(job: Job) -> list[dict]:
-    from musubi_pipe.stages.sample import prompt_settings
-
-    return prompt_settings(job.cfg["sampling"], common.family(job).sampling_defaults(common.model_cfg(job)))
+    return prompt_settings(job.cfg["sampling"], common.sampling_defaults(job))
 
 
 def inputs(job: Job) -> dict:
-    from musubi_pipe.stages.sample import inputs as sample_inputs
-
     sampling = job.cfg["sampling"]
-    doc = sample_inputs(job)
+    doc = common.sampling_inputs(job)
     doc["loras"] = [dict(entry, path=job.digests.digest(entry["path"])) for entry in sampling.get("loras") or []]
     doc["latents"] = [job.digests.digest(path) for path in sampling.get("latents") or []]
     if not sampling.get("latents"):
         doc["text"] = common.text_document(job)
     return doc
-
-
-def check_generate(sampling: dict) -> list[tuple[str, str]]:
-    """Problems of the generate settings, before anything loads."""
-    import os
-
-    from musubi_pipe.network.settings import pattern_problems
-
-    problems = []
-    if sampling.get("output_type", "video") not in OUTPUT_TYPES:
-        problems.append(("sampling.output_type", f"is {sampling.get('output_type')!r}; choose one of {list(OUTPUT_TYPES)}"))
-    for i, entry in enumerate(sampling.get("loras") or []):
-        key = f"sampling.loras[{i}]"
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            problems.append((key, "must be {path: <LoRA file>, multiplier: <number>} (multiplier optional)"))
-            continue
-        unknown = set(entry) - {"path", "multiplier", "expert", "include_patterns", "exclude_patterns"}
-        if unknown:
-            problems.append((key, f"unknown keys {sorted(unknown)}; allowed: path, multiplier, expert, "
-                             "include_patterns, exclude_patterns"))
-        if not os.path.isfile(entry["path"]):
-            problems.append((f"{key}.path", f"{entry['path']} does not exist; fix the path"))
-        if entry.get("expert", "both") not in EXPERT_CHOICES:
-            problems.append((f"{key}.expert", f"is {entry.get('expert')!r}; choose one of {list(EXPERT_CHOICES)}"))
-        for patterns in ("include_patterns", "exclude_patterns"):
-            problems += pattern_problems(entry.get(patterns), f"{key}.{patterns}")
-    for i, path in enumerate(sampling.get("latents") or []):
-        if not os.path.isfile(path):
-            problems.append((f"sampling.latents[{i}]", f"{path} does not exist; point it at a saved latent file"))
-    return problems
 
 
 def _lora_network(family, dit, entry: dict, key: str):
@@ -150,10 +115,8 @@ def _load(job: Job, device, dtype):
 
 
 def _embeddings(job: Job, prompts: list[dict], device, dtype, progress: bool):
-    from musubi_pipe.stages.cache_text import encode_texts
-
     texts = sorted({p["prompt"] for p in prompts} | {p["negative_prompt"] for p in prompts})
-    keys, _ = encode_texts(job, texts, progress=progress)
+    keys, _ = common.encode_texts(job, texts, progress=progress)
 
     def embedding(text):
         return common.text_entry(job, keys[text], device, dtype)
@@ -164,7 +127,7 @@ def _embeddings(job: Job, prompts: list[dict], device, dtype, progress: bool):
 def run(ctx: StageContext) -> dict:
     from safetensors.torch import load_file
 
-    from musubi_pipe.stages.sample import prompt_conditions, render
+    from musubi_pipe.sampling.render import prompt_conditions, render
 
     job, sampling = ctx.job, ctx.cfg["sampling"]
     if not job.dist.main:
@@ -185,8 +148,7 @@ def run(ctx: StageContext) -> dict:
         embedding = _embeddings(job, prompts, device, dit_dtype, progress)
         conds = prompt_conditions(family, model, prompts, device, vae_dtype)
         dits, networks = _load(job, device, dit_dtype)
-        latents = render(family, family.experts(model), dits, family.geometry(model), prompts, conds, embedding,
-                         device, progress)
+        latents = render(family, model, family.experts(model), dits, prompts, conds, embedding, device, progress)
         for network in networks:
             network.restore()
         del dits, networks
@@ -210,7 +172,7 @@ def _write(family, model, prompts, latents, out_dir, output_type: str, fps, devi
     from safetensors.torch import save_file
 
     from musubi_pipe.data.media import write_png
-    from musubi_pipe.stages.sample import write_samples
+    from musubi_pipe.sampling.render import write_samples
 
     if output_type == "latent":
         names = []

@@ -51,7 +51,7 @@ def inputs(job: Job) -> dict:
 
 def _sampling_during_training(job: Job) -> dict | None:
     """What sampling during training depends on (its media are part of the artifact), or None when off."""
-    from musubi_pipe.stages.sample import conditioning_media, prompt_settings
+    from musubi_pipe.sampling.settings import prompt_settings
 
     sampling = job.cfg["sampling"]
     when = {k: sampling.get(k) for k in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")}
@@ -59,7 +59,7 @@ def _sampling_during_training(job: Job) -> dict | None:
         return None
     defaults = common.family(job).sampling_defaults(common.model_cfg(job))
     prompts = prompt_settings(sampling, defaults)
-    return dict(when, prompts=prompts, fps=sampling.get("fps") or defaults["fps"], **conditioning_media(job, prompts),
+    return dict(when, prompts=prompts, fps=sampling.get("fps") or defaults["fps"], **common.conditioning_media(job, prompts),
                 vae=job.cached("vae_doc", lambda: common.encoder_document(job, "vae", "vae_dtype")))
 
 
@@ -138,7 +138,8 @@ def _sampler(ctx: StageContext, text_index: dict):
     partial folder's samples/ (`<label>_NN.png|mp4`, label e.g. step00000100 or e000002) and log them."""
     import logging
 
-    from musubi_pipe.stages.sample import prompt_conditions, prompt_settings, render, write_samples
+    from musubi_pipe.sampling.render import prompt_conditions, render, write_samples
+    from musubi_pipe.sampling.settings import prompt_settings
 
     job = ctx.job
     family, model = common.family(job), common.model_cfg(job)
@@ -160,8 +161,8 @@ def _sampler(ctx: StageContext, text_index: dict):
             return
         if not conds:
             conds.extend(prompt_conditions(family, model, prompts, device, vae_dtype))
-        latents = render(family, trainer.experts, trainer.dits, family.geometry(model), prompts, conds, embedding,
-                         device, progress=False)
+        latents = render(family, model, trainer.experts, trainer.dits, prompts, conds, embedding, device,
+                         progress=False)
         if not trainer.dist.main:  # with FSDP every process renders (the weights are spread); the main one writes
             return
         folder = ctx.partial_dir() / "samples"

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from musubi_pipe.errors import ConfigError
-from musubi_pipe.models.base import Expert, Geometry, TrainingInputs
+from musubi_pipe.models.base import Expert, Family, Geometry, TrainingInputs
 from musubi_pipe.models.hunyuan_video.names import LORA_NAMING, block_linears, input_groups
 from musubi_pipe.models.hunyuan_video.tasks import HunyuanTask, get_task
 
@@ -33,7 +33,7 @@ OFFICIAL_BLOCKS = 60  # 20 double-stream + 40 single-stream blocks
 TINY_BLOCKS = 4  # tiny.TINY_DIT_CONFIG: 2 + 2 (torch-free here; tests check they agree)
 
 
-class HunyuanVideoFamily:
+class HunyuanVideoFamily(Family):
     """HunyuanVideo (tasks.py); see models/base.py for the method contracts."""
 
     name = "hunyuan_video"

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from musubi_pipe.errors import ConfigError
-from musubi_pipe.models.base import Expert, Geometry, TrainingInputs
+from musubi_pipe.models.base import Expert, Family, Geometry, TrainingInputs
 from musubi_pipe.models.wan import clip as clip_files
 from musubi_pipe.models.wan import t5 as t5_files
 from musubi_pipe.models.wan.locate import check_dit, check_vae, locate_dit, locate_vae
@@ -52,7 +52,7 @@ def first_frame_ratio(model_cfg: dict) -> float:
     return DEFAULT_FIRST_FRAME_RATIO if value is None else float(value)
 
 
-class WanFamily:
+class WanFamily(Family):
     """Wan2.1 and Wan2.2 (tasks in tasks.py); see models/base.py for the method contracts."""
 
     name = "wan"
