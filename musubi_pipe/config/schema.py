@@ -49,9 +49,11 @@ SCHEMA: dict[str, dict] = {
     "memory": {  # musubi_pipe/memory/settings.py explains and checks these
         "fp8_base": "bool",
         "fp8_scaled": "bool",
+        "fp8_text_encoder": "bool",
         "fp8_t5": "bool",
         "fp8_llm": "bool",
-        "blocks_to_swap": "any",  # a number, or a table by model size
+        "preset": "str",
+        "blocks_to_swap": "any",  # a number, a table by model size, or "preset"
         "pin_memory": "bool",
         "gradient_checkpointing": "bool",
         "gradient_checkpointing_cpu_offload": "bool",

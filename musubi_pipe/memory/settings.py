@@ -3,13 +3,16 @@
     problems = memory_problems(cfg, family)        # [(key, message)], before any weight loads
     n = blocks_to_swap(cfg["memory"], family, cfg["model"])
 
-`memory.blocks_to_swap` is a number of blocks, or a table by model size, which is how one preset
-(conf/memory/24gb.yaml) serves a 1.3B and a 14B model:
+`memory.blocks_to_swap` is a number of blocks, a table by model size, or `preset`: the presets
+(conf/memory/24gb.yaml, ...) say `preset: 24gb` and `blocks_to_swap: preset`, and each family's
+`swap_presets` gives the count for its model sizes, which is how one preset serves a 1.3B and a 14B
+model and a new architecture brings its own counts:
 
-    blocks_to_swap: {wan_14b: 20, wan_1.3b: 0, hunyuan_video: 24, default: 0}
+    swap_presets = {"24gb": {"wan_14b": 20, "wan_5b": 0, "wan_1.3b": 0, "tiny": 0}, ...}   # models/wan/family.py
 
-The size names are `Family.model_size` (wan_1.3b, wan_5b, wan_14b, hunyuan_video, tiny); `default`
-covers the sizes a table leaves out.
+A table in the config (`blocks_to_swap: {wan_14b: 20, default: 0}`) keys the same size names
+(`Family.model_size`: wan_1.3b, wan_5b, wan_14b, hunyuan_video, tiny); `default` covers the sizes it
+leaves out.
 """
 
 from __future__ import annotations
@@ -30,15 +33,32 @@ INFERENCE_ONLY_ATTENTION = ("sage",)
 # torch.compile modes that capture CUDA graphs, which bake in tensor addresses that block swap changes
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 TRAINING_STAGES = ("train",)
+# musubi-tuner's names of memory.fp8_text_encoder, one per text encoder they quantize (Family.fp8_text_key)
+TEXT_FP8_ALIASES = ("fp8_t5", "fp8_llm")
 
 
 def blocks_to_swap(memory: dict, family, model_cfg: dict) -> int:
-    """The number of blocks to swap for this model; raises KeyError when a table has no entry for its size."""
+    """The number of blocks to swap for this model: a number, a table by model size (raises KeyError when it has no
+    entry for this size), or "preset": the family's count for memory.preset (Family.swap_presets)."""
     value = memory.get("blocks_to_swap") or 0
+    if value == "preset":
+        value = preset_swap(family, model_cfg, memory.get("preset"))
     if isinstance(value, dict):
         size = family.model_size(model_cfg)
         value = value[size] if size in value else value["default"]
     return int(value or 0)
+
+
+def preset_swap(family, model_cfg: dict, preset: str | None) -> int:
+    """How many blocks memory preset `preset` swaps on this model: the family's table by model size (0 when the
+    family or the preset has no entry)."""
+    table = getattr(family, "swap_presets", {}).get(preset or "none", {})
+    return int(table.get(family.model_size(model_cfg), 0))
+
+
+def text_encoder_fp8(memory: dict, family) -> bool:
+    """memory.fp8_text_encoder, or the family's own alias of it (fp8_t5, fp8_llm, as musubi-tuner names them)."""
+    return bool(memory.get("fp8_text_encoder") or memory.get(family.fp8_text_key))
 
 
 def attention_backend(memory: dict, sampling: bool) -> str:
@@ -51,7 +71,7 @@ def memory_problems(cfg: dict, family) -> list[tuple[str, str]]:
     """Every problem of the memory group for this model and these stages, as (key, message)."""
     memory, stages = cfg["memory"], cfg["pipeline"]["stages"]
     training = any(s in TRAINING_STAGES for s in stages)
-    problems = _fp8_problems(memory)
+    problems = _fp8_problems(memory, family)
     problems += _swap_problems(memory, family, cfg["model"], training)
     problems += _attention_problems(memory, training)
     if memory.get("gradient_checkpointing_cpu_offload") and not memory.get("gradient_checkpointing"):
@@ -60,8 +80,12 @@ def memory_problems(cfg: dict, family) -> list[tuple[str, str]]:
     return problems
 
 
-def _fp8_problems(memory: dict) -> list[tuple[str, str]]:
+def _fp8_problems(memory: dict, family) -> list[tuple[str, str]]:
     problems = []
+    for alias in TEXT_FP8_ALIASES:
+        if memory.get(alias) and alias != family.fp8_text_key:
+            problems.append((f"memory.{alias}", f"is another model's text encoder; {family.name} calls it "
+                             f"memory.{family.fp8_text_key}, or use memory.fp8_text_encoder"))
     if memory.get("fp8_scaled") and not memory.get("fp8_base"):
         problems.append(("memory.fp8_scaled", "scales the fp8 weights of memory.fp8_base; set memory.fp8_base=true "
                          "as well (as musubi-tuner's --fp8_scaled needs --fp8_base)"))
@@ -78,8 +102,9 @@ def _swap_problems(memory: dict, family, model_cfg: dict, training: bool) -> lis
         if size not in value and "default" not in value:
             return [("memory.blocks_to_swap", f"has no entry for this model's size {size!r} (table keys "
                      f"{sorted(value)}); add one, or set memory.blocks_to_swap=<number>")]
-    elif value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-        return [("memory.blocks_to_swap", f"is {value!r}; give a number of blocks or a table by model size")]
+    elif value is not None and value != "preset" and (not isinstance(value, int) or isinstance(value, bool)):
+        return [("memory.blocks_to_swap", f"is {value!r}; give a number of blocks, a table by model size, or "
+                 "preset (the family's count for memory.preset)")]
     n = blocks_to_swap(memory, family, model_cfg)
     if n == 0:
         return []

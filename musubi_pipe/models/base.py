@@ -171,8 +171,9 @@ class Family:
     """
 
     # class attributes every family sets (checked at class creation, like the @required methods)
-    REQUIRED_ATTRIBUTES = ("name", "modelspec_arch", "model_keys", "text_dtype_key", "lora_naming", "fp8_text_key",
-                           "fp8_layers", "supports_loraid", "lora_default_excludes")
+    REQUIRED_ATTRIBUTES = ("name", "modelspec_arch", "modelspec_implementation", "musubi_network_module", "model_keys",
+                           "text_dtype_key", "lora_naming", "fp8_text_key", "fp8_layers", "supports_loraid",
+                           "lora_default_excludes")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -210,10 +211,15 @@ class Family:
 
     name: str  # full architecture name, written as ss_base_model_version
     modelspec_arch: str  # SAI ModelSpec architecture id of its LoRA files
+    modelspec_implementation: str  # the upstream repository of its model code (modelspec.implementation)
+    musubi_network_module: str  # musubi-tuner's LoRA network module for it (ss_network_module of LoRA files)
+    # blocks_to_swap of each memory preset ("24gb", "16gb", "12gb") by model_size (memory.blocks_to_swap=preset)
+    swap_presets: dict = {}
     model_keys: dict  # model.* config keys of this family beyond the common ones, with type specs
     text_dtype_key: str  # the model.* key of the text encoders' dtype (e.g. "t5_dtype")
     lora_naming: LoraNaming
-    fp8_text_key: str  # the memory.* key that stores its (largest) text encoder in fp8: "fp8_t5", "fp8_llm"
+    # musubi-tuner's name of memory.fp8_text_encoder for this family ("fp8_t5", "fp8_llm"), accepted as its alias
+    fp8_text_key: str
     # (include, exclude) substrings of the DiT's module names whose Linears memory.fp8_base stores in fp8
     fp8_layers: tuple[tuple[str, ...], tuple[str, ...]]
 

@@ -21,7 +21,6 @@ from musubi_pipe.errors import ConfigError, UserError
 from musubi_pipe.network.lora import KIND_TITLES, LoRANetwork, kinds_in_keys, lora_name
 from musubi_pipe.network.lycoris import LoHaNetwork, LoKrNetwork, factorization
 from musubi_pipe.network.settings import (
-    MUSUBI_LORA_MODULES,
     NETWORK_MODULES,
     network_problems,
     with_defaults,
@@ -172,7 +171,9 @@ def network_module_name(kind: str, arch: str) -> str:
         raise ValueError(f"unknown network type {kind!r}; expected one of {NETWORK_MODULES}")
     if kind != "lora":
         return f"networks.{kind}"
-    return MUSUBI_LORA_MODULES.get(arch, f"networks.lora_{arch}")
+    from musubi_pipe.models import get_family
+
+    return get_family(arch).musubi_network_module
 
 
 def network_from_weights(

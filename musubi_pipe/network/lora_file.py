@@ -15,25 +15,6 @@ import torch
 from musubi_pipe.fileio import fsync_dir, temp_beside
 from musubi_pipe.errors import UserError
 
-# The upstream repository of each architecture's model code, as sd-scripts/musubi write into `modelspec.implementation`.
-MODELSPEC_IMPLEMENTATIONS = {
-    "hunyuan-video": "https://github.com/Tencent/HunyuanVideo",
-    "wan2.1": "https://github.com/Wan-Video/Wan2.1",
-    "framepack": "https://github.com/lllyasviel/FramePack",
-    "Flux.1-dev": "https://github.com/black-forest-labs/flux",
-    "Flux.2-dev": "https://github.com/black-forest-labs/flux2",
-    "Flux.2-klein-4b": "https://github.com/black-forest-labs/flux2",
-    "Flux.2-klein-9b": "https://github.com/black-forest-labs/flux2",
-    "Qwen-Image": "https://github.com/QwenLM/Qwen-Image",
-    "Qwen-Image-Edit": "https://github.com/QwenLM/Qwen-Image",
-    "Qwen-Image-Edit-Plus": "https://github.com/QwenLM/Qwen-Image",
-    "Qwen-Image-Edit-2511": "https://github.com/QwenLM/Qwen-Image",
-    "Qwen-Image-Layered": "https://github.com/QwenLM/Qwen-Image-Layered",
-    "Kandinsky-5": "https://github.com/kandinskylab/kandinsky-5",
-    "hunyuan-video-1.5": "https://github.com/Tencent-Hunyuan/HunyuanVideo-1.5",
-    "Z-Image": "https://github.com/Tongyi-MAI/Z-Image",
-}
-
 _LEGACY_HASH_OFFSET = 0x100000
 _LEGACY_HASH_LENGTH = 0x10000
 
@@ -49,6 +30,13 @@ def model_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     model_hash = hashlib.sha256(memoryview(blob)[8 + header_len :]).hexdigest()
     legacy = memoryview(blob)[_LEGACY_HASH_OFFSET : _LEGACY_HASH_OFFSET + _LEGACY_HASH_LENGTH]
     return model_hash, hashlib.sha256(legacy).hexdigest()[:8]
+
+
+def _implementation(arch: str) -> str | None:
+    """The family's `modelspec_implementation` (None for an architecture not registered here)."""
+    from musubi_pipe.models import family_names, get_family
+
+    return get_family(arch).modelspec_implementation if arch in family_names() else None
 
 
 def save_lora_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -122,7 +110,8 @@ def build_metadata(
         # Local time without microseconds or offset, as musubi writes it.
         "modelspec.date": datetime.fromtimestamp(int(now)).isoformat(),
     }
-    if modelspec_arch in MODELSPEC_IMPLEMENTATIONS:
-        metadata["modelspec.implementation"] = MODELSPEC_IMPLEMENTATIONS[modelspec_arch]
+    implementation = _implementation(arch)
+    if implementation:  # the upstream repository of the model code, as sd-scripts/musubi write it
+        metadata["modelspec.implementation"] = implementation
     metadata.update(extra or {})
     return {k: str(v) for k, v in metadata.items()}

@@ -24,20 +24,6 @@ NETWORK_DEFAULTS: dict[str, Any] = {
     "loraplus_lr_ratio": None,
     "lokr_factor": -1,
 }
-# musubi-tuner's LoRA module per architecture (its `ss_network_module` metadata); LoHa/LoKr are arch-independent.
-MUSUBI_LORA_MODULES = {
-    "wan": "networks.lora_wan",
-    "hunyuan_video": "networks.lora",
-    "framepack": "networks.lora_framepack",
-    "flux_kontext": "networks.lora_flux",
-    "flux_2": "networks.lora_flux_2",
-    "qwen_image": "networks.lora_qwen_image",
-    "z_image": "networks.lora_zimage",
-    "hunyuan_video_1_5": "networks.lora_hv_1_5",
-    "kandinsky5": "networks.lora_kandinsky",
-}
-
-
 def with_defaults(net_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The `network` values build_network reads, with NETWORK_DEFAULTS for missing or null ones."""
     return {**NETWORK_DEFAULTS, **{k: v for k, v in net_cfg.items() if v is not None or k not in NETWORK_DEFAULTS}}

@@ -177,8 +177,11 @@ def dit_document(job: Job, experts) -> dict:
 
 
 def text_fp8(job: Job) -> bool:
-    """Whether the text encoder is stored in fp8 (memory.fp8_t5 or fp8_llm, whichever the family has)."""
-    return bool(job.cfg["memory"].get(family(job).fp8_text_key))
+    """Whether the text encoder is stored in fp8: memory.fp8_text_encoder, or the family's musubi-tuner name for it
+    (memory.fp8_t5 for Wan, fp8_llm for HunyuanVideo). Either gives the same text-cache keys."""
+    from musubi_pipe.memory.settings import text_encoder_fp8
+
+    return text_encoder_fp8(job.cfg["memory"], family(job))
 
 
 def latent_key(job: Job, item) -> str:

@@ -300,8 +300,9 @@ def _metadata(ctx: StageContext, family, trainer, train_cfg: dict, suffix: str) 
         network = trainer.networks[suffix]
         extra["ss_loraid"] = trainer.loraid["loraid"]
         extra["ss_loraid_allocation"] = json.dumps(dict(trainer.loraid, modules=sorted(network.official_names)))
-    model = common.model_cfg(job)
-    base = model.get("dit_high_noise") if suffix == "high_noise" else model.get("dit")
+    # the weights this file was trained on: the config key of its expert (Expert.key), model.dit for a shared LoRA
+    key = next((e.key for e in family.experts(common.model_cfg(job)) if suffix and e.name == suffix), "model.dit")
+    base = common.model_cfg(job).get(key.removeprefix("model."))
     return build_metadata(
         arch=family.name,
         modelspec_arch=family.modelspec_arch,

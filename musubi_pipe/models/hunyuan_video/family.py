@@ -41,7 +41,15 @@ class HunyuanVideoFamily(Family):
     text_dtype_key = "text_encoder_dtype"
     lora_naming = LORA_NAMING
     supports_loraid = False
-    fp8_text_key = "fp8_llm"  # the LLM only; CLIP-L is small
+    fp8_text_key = "fp8_llm"  # musubi-tuner's name of memory.fp8_text_encoder here: the LLM only; CLIP-L is small
+    # blocks_to_swap of each memory preset, by model_size (memory.blocks_to_swap=preset), of 60 (20 double + 40 single)
+    swap_presets = {
+        "24gb": {"hunyuan_video": 30, "tiny": 0},
+        "16gb": {"hunyuan_video": 44, "tiny": 1},
+        "12gb": {"hunyuan_video": 54, "tiny": 1},
+    }
+    musubi_network_module = "networks.lora"  # musubi-tuner's LoRA module (ss_network_module)
+    modelspec_implementation = "https://github.com/Tencent/HunyuanVideo"
     # memory.fp8_base stores the Linears of the double and single blocks except their modulation
     # (diffusers' norm1.linear, norm1_context.linear, norm.linear)
     fp8_layers = (("transformer_blocks.",), ("norm",))

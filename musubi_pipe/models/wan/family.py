@@ -59,7 +59,15 @@ class WanFamily(Family):
     modelspec_arch = "wan2.1"  # musubi writes wan2.1 for Wan2.2 too
     text_dtype_key = "t5_dtype"
     lora_naming = LORA_NAMING
-    fp8_text_key = "fp8_t5"
+    fp8_text_key = "fp8_t5"  # musubi-tuner's name of memory.fp8_text_encoder for Wan
+    # blocks_to_swap of each memory preset, by model_size (memory.blocks_to_swap=preset); tiny swaps 1 of 2 to test it
+    swap_presets = {
+        "24gb": {"wan_14b": 20, "wan_5b": 0, "wan_1.3b": 0, "tiny": 0},
+        "16gb": {"wan_14b": 30, "wan_5b": 10, "wan_1.3b": 0, "tiny": 1},
+        "12gb": {"wan_14b": 36, "wan_5b": 20, "wan_1.3b": 10, "tiny": 1},
+    }
+    musubi_network_module = "networks.lora_wan"  # musubi-tuner's LoRA module (ss_network_module)
+    modelspec_implementation = "https://github.com/Wan-Video/Wan2.1"
     # memory.fp8_base stores the Linears inside the blocks; modulation (scale_shift_table), norms,
     # embeddings and the head stay in the DiT's dtype (musubi-tuner's Wan targets and excludes)
     fp8_layers = (("blocks.",), ("norm",))

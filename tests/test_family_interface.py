@@ -1,0 +1,66 @@
+"""The family interface: members checked when a family is defined, per-architecture settings with the family."""
+
+import pytest
+
+from musubi_pipe.models import family_names, get_family
+from musubi_pipe.models.base import Family
+
+
+def test_a_family_missing_a_member_fails_when_defined():
+    with pytest.raises(TypeError, match=r"Half does not define .*modelspec_arch.*predict.*build_tiny"):
+        class Half(Family):
+            name = "half"
+
+            def geometry(self, model_cfg):
+                return None
+
+
+def test_every_registered_family_is_a_complete_family():
+    for name in family_names():
+        family = get_family(name)
+        assert isinstance(family, Family) and family.name == name
+        assert family.guidance_style in ("cfg", "none") and isinstance(family.image_only, bool)
+        assert family.musubi_network_module.startswith("networks.")
+        assert family.modelspec_implementation.startswith("https://github.com/")
+
+
+def test_memory_presets_take_block_counts_from_the_family():
+    from musubi_pipe.config import compose
+    from musubi_pipe.memory.settings import blocks_to_swap
+    from musubi_pipe.runner import resolve
+
+    for preset in ("24gb", "16gb", "12gb"):
+        memory = resolve(compose([f"memory={preset}"]))["memory"]
+        assert (memory["preset"], memory["blocks_to_swap"]) == (preset, "preset")
+        for name, task in (("wan", "t2v-14B"), ("wan", "t2v-1.3B"), ("hunyuan_video", "t2v")):
+            family = get_family(name)
+            size = family.model_size({"task": task})
+            assert blocks_to_swap(memory, family, {"task": task}) == family.swap_presets[preset][size]
+
+
+def test_fp8_text_encoder_is_one_key_with_the_families_names_as_aliases(tmp_path):
+    from musubi_pipe.config import compose
+    from musubi_pipe.memory.settings import memory_problems, text_encoder_fp8
+    from musubi_pipe.pipeline.stage import Job
+    from musubi_pipe.runner import resolve
+    from musubi_pipe.stages.common import text_document
+
+    wan = get_family("wan")
+    assert text_encoder_fp8({"fp8_text_encoder": True}, wan) and text_encoder_fp8({"fp8_t5": True}, wan)
+    assert not text_encoder_fp8({"fp8_llm": True}, wan)
+    cfg = {"memory": {"fp8_llm": True}, "pipeline": {"stages": ["train"]}, "model": {"arch": "wan", "task": "t2v-14B"}}
+    assert memory_problems(cfg, wan)[0] == ("memory.fp8_llm", "is another model's text encoder; wan calls it "
+                                                              "memory.fp8_t5, or use memory.fp8_text_encoder")
+
+    def text_doc(*overrides):
+        cfg = resolve(compose(["+recipe=demo", f"paths.root={tmp_path}", *overrides]))
+        from musubi_pipe.config.validate import prepare_embedded
+        from musubi_pipe.pipeline.fingerprint import DigestCache
+        from musubi_pipe.pipeline.store import Store
+
+        prepare_embedded(cfg)
+        store = Store(cfg["paths"]["cache"])
+        return text_document(Job(cfg=cfg, store=store, digests=DigestCache(store.root / "d.json"), run_dir=tmp_path))
+
+    generic, alias, off = text_doc("memory.fp8_text_encoder=true"), text_doc("memory.fp8_t5=true"), text_doc()
+    assert generic == alias and generic["fp8"] is True and "fp8" not in off  # same text-cache keys either way
