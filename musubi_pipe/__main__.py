@@ -11,7 +11,7 @@ import signal
 import sys
 
 from musubi_pipe.config import conf_dir, register_recipes
-from musubi_pipe.config.overrides import check_overrides
+from musubi_pipe.config.overrides import check_overrides, rewrite_aliases
 
 
 def _task(cfg) -> None:
@@ -42,6 +42,9 @@ def entry() -> None:
     import hydra
 
     register_recipes()
+    sys.argv[1:], notes = rewrite_aliases(sys.argv[1:])
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     problems = check_overrides(sys.argv[1:])
     if problems:
         from musubi_pipe.config.overrides import report_all

@@ -65,7 +65,8 @@ def run(cfg: DictConfig | dict, run_dir: str | os.PathLike, overrides: list[str]
             record.update(status="interrupted" if isinstance(err, KeyboardInterrupt | Terminated) else "failed",
                           error=f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err),
                           seconds=round(time.time() - started, 3))
-            log.error("run %s: %s", record["status"], record["error"] or type(err).__name__)
+            # into run.log only: the console gets the error once, from whoever catches it (__main__ prints it)
+            _record_log.error("run %s: %s", record["status"], record["error"] or type(err).__name__)
             with contextlib.suppress(OSError):  # the disk may be what failed; the error is raised either way
                 _write_record(dist, run_dir, record)
             raise

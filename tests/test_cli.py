@@ -200,11 +200,11 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
 
 
 def test_typos_on_the_command_line_are_named_with_every_other_problem(tmp_path):
-    out = _cli("+recipe=demo", f"paths.root={tmp_path}", "training.max_train_step=5", "model=wan_tiny_i2v_a14",
+    out = _cli("+recipe=demo", f"paths.root={tmp_path}", "training.max_train_step=5", "model=wan/tiny_i2v_a14",
                "optimizer.lr=abc", "training.max_train_steps=-5")
     assert out.returncode == 2 and "Traceback" not in out.stderr and "not in struct" not in out.stderr
     assert "training.max_train_step: is not a config key; did you mean training.max_train_steps?" in out.stderr
-    assert "model: has no option 'wan_tiny_i2v_a14'; did you mean 'wan_tiny_i2v_a14b'?" in out.stderr
+    assert "model: has no option 'wan/tiny_i2v_a14'; did you mean 'wan/tiny_i2v_a14b'?" in out.stderr
     assert "optimizer.lr: must be a float, got str 'abc'" in out.stderr
     assert "training.max_train_steps: the run needs at least 1 step, got -5" in out.stderr
     assert not (tmp_path / "runs").exists()

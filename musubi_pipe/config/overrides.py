@@ -81,15 +81,45 @@ def _split(argv: list[str]) -> tuple[list[str], list[Path]] | None:
 
 
 def _group_options(config_dirs: list[Path]) -> dict[str, set[str]]:
-    """Every config group and its options: conf/<group>/*.yaml, recipes/*.yaml and the --config-dir folders."""
+    """Every config group and its options: conf/<group>/**/*.yaml (`model=wan/t2v_14b`), recipes/*.yaml and the
+    --config-dir folders."""
     groups: dict[str, set[str]] = {"recipe": {p.stem for p in recipes_dir().glob("*.yaml")}}
     for root in [conf_dir(), *config_dirs]:
         if not root.is_dir():
             continue
         for folder in root.iterdir():
             if folder.is_dir() and not folder.name.startswith((".", "_")):
-                groups.setdefault(folder.name, set()).update(p.stem for p in folder.glob("*.yaml"))
+                groups.setdefault(folder.name, set()).update(
+                    p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
     return groups
+
+
+def model_aliases() -> dict[str, str]:
+    """{old model group option: its name now} of every family (Family.config_aliases)."""
+    from musubi_pipe.models import family_names, get_family
+
+    aliases: dict[str, str] = {}
+    for name in family_names():
+        aliases.update(get_family(name).config_aliases)
+    return aliases
+
+
+def rewrite_aliases(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv with old model group options replaced by their names now, one note per replacement).
+
+    `model=wan21_t2v_14b` becomes `model=wan/t2v_14b`; sweeps over several (`model=wan_tiny,wan_tiny_i2v`) too."""
+    aliases = model_aliases()
+    out, notes = [], []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+") == "model" and not value.startswith(("glob(", "choice(", "range(")):
+            parts = value.split(",")
+            renamed = [aliases.get(part, part) for part in parts]
+            if renamed != parts:
+                notes.append(f"model={value} is now model={','.join(renamed)} (conf/model/<arch>/<variant>.yaml)")
+                arg = f"{key}={','.join(renamed)}"
+        out.append(arg)
+    return out, notes
 
 
 def _schema() -> dict:
@@ -108,7 +138,9 @@ def _check_option(group: str, override, options: set[str]) -> tuple[list[tuple[s
     value = override.value()
     if not isinstance(value, str) or value in options:
         return [], None
-    close = difflib.get_close_matches(value, sorted(options), n=1, cutoff=0.6)
+    aliases = model_aliases() if group == "model" else {}
+    close = difflib.get_close_matches(value, sorted(options | set(aliases)), n=1, cutoff=0.6)
+    close = [aliases.get(close[0], close[0])] if close else []
     hint = f"did you mean {close[0]!r}?" if close else "choose one of"
     shown = ", ".join(sorted(options))
     return [(group, f"has no option {value!r}; {hint} (options: {shown})")], (close[0] if close else None)

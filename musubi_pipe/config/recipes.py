@@ -34,6 +34,9 @@ def compose(overrides: list[str] | None = None, config_dir: Path | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from musubi_pipe.config.overrides import rewrite_aliases
+
     register_recipes()
+    overrides, _ = rewrite_aliases(list(overrides or []))
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir or conf_dir())):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+        return hydra_compose(config_name="config", overrides=overrides)

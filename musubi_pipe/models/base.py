@@ -215,6 +215,8 @@ class Family:
     musubi_network_module: str  # musubi-tuner's LoRA network module for it (ss_network_module of LoRA files)
     # blocks_to_swap of each memory preset ("24gb", "16gb", "12gb") by model_size (memory.blocks_to_swap=preset)
     swap_presets: dict = {}
+    # {old model group option: its name now}, e.g. {"wan21_t2v_14b": "wan/t2v_14b"}: accepted on the command line
+    config_aliases: dict = {}
     model_keys: dict  # model.* config keys of this family beyond the common ones, with type specs
     text_dtype_key: str  # the model.* key of the text encoders' dtype (e.g. "t5_dtype")
     lora_naming: LoraNaming

@@ -48,6 +48,13 @@ class HunyuanVideoFamily(Family):
         "16gb": {"hunyuan_video": 44, "tiny": 1},
         "12gb": {"hunyuan_video": 54, "tiny": 1},
     }
+    # the model group's options before they moved under conf/model/hunyuan_video/: still accepted on the command line
+    config_aliases = {
+        "hunyuan_video_t2v": "hunyuan_video/t2v",
+        "hunyuan_video_skyreels_i2v": "hunyuan_video/skyreels_i2v",
+        "hunyuan_video_tiny": "hunyuan_video/tiny",
+        "hunyuan_video_tiny_skyreels_i2v": "hunyuan_video/tiny_skyreels_i2v",
+    }
     musubi_network_module = "networks.lora"  # musubi-tuner's LoRA module (ss_network_module)
     modelspec_implementation = "https://github.com/Tencent/HunyuanVideo"
     # memory.fp8_base stores the Linears of the double and single blocks except their modulation

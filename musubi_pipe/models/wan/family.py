@@ -66,6 +66,20 @@ class WanFamily(Family):
         "16gb": {"wan_14b": 30, "wan_5b": 10, "wan_1.3b": 0, "tiny": 1},
         "12gb": {"wan_14b": 36, "wan_5b": 20, "wan_1.3b": 10, "tiny": 1},
     }
+    # the model group's options before they moved under conf/model/wan/: still accepted on the command line
+    config_aliases = {
+        "wan21_t2v_14b": "wan/t2v_14b",
+        "wan21_t2v_1_3b": "wan/t2v_1_3b",
+        "wan21_i2v_14b": "wan/i2v_14b",
+        "wan22_t2v_a14b": "wan/t2v_a14b",
+        "wan22_i2v_a14b": "wan/i2v_a14b",
+        "wan22_ti2v_5b": "wan/ti2v_5b",
+        "wan_tiny": "wan/tiny",
+        "wan_tiny_i2v": "wan/tiny_i2v",
+        "wan_tiny_t2v_a14b": "wan/tiny_t2v_a14b",
+        "wan_tiny_i2v_a14b": "wan/tiny_i2v_a14b",
+        "wan_tiny_ti2v_5b": "wan/tiny_ti2v_5b",
+    }
     musubi_network_module = "networks.lora_wan"  # musubi-tuner's LoRA module (ss_network_module)
     modelspec_implementation = "https://github.com/Wan-Video/Wan2.1"
     # memory.fp8_base stores the Linears inside the blocks; modulation (scale_shift_table), norms,
