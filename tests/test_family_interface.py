@@ -64,3 +64,22 @@ def test_fp8_text_encoder_is_one_key_with_the_families_names_as_aliases(tmp_path
 
     generic, alias, off = text_doc("memory.fp8_text_encoder=true"), text_doc("memory.fp8_t5=true"), text_doc()
     assert generic == alias and generic["fp8"] is True and "fp8" not in off  # same text-cache keys either way
+
+
+def test_an_image_only_family_refuses_video_datasets_and_frames(tmp_path, monkeypatch):
+    from musubi_pipe.config import compose
+    from musubi_pipe.config.validate import validate
+    from musubi_pipe.errors import ConfigError
+    from musubi_pipe.runner import resolve
+
+    cfg = resolve(compose(["+recipe=demo", f"paths.root={tmp_path}"]))
+    validate(cfg)  # the demo is valid as it is
+    monkeypatch.setattr(type(get_family("wan")), "image_only", True)
+    cfg = resolve(compose(["+recipe=demo", f"paths.root={tmp_path}"]))
+    with pytest.raises(ConfigError) as caught:
+        validate(cfg)
+    assert caught.value.problems == [
+        ("dataset.datasets[1].video_directory", "is a video source, but wan trains on images only; use "
+                                                "image_directory or image_jsonl_file"),
+        ("sampling.prompts[1].frames", "is 9, but wan makes images; set sampling.frames=1 (or the prompt's frames)"),
+    ]

@@ -188,7 +188,7 @@ def _check_stages(cfg: dict) -> list[tuple[str, str]]:
 
     family = get_family(cfg["model"]["arch"])
     stages = cfg["pipeline"]["stages"]
-    problems = _check_experts(cfg, family) + _check_dataset_features(cfg["dataset"])
+    problems = _check_experts(cfg, family) + _check_image_only(cfg, family) + _check_dataset_features(cfg["dataset"])
     problems += family.check_stages(cfg["model"], stages) + _check_save_format(cfg, family)
     problems += memory_problems(cfg, family)
     problems += check_embedded_guidance(cfg["sampling"], family.sampling_defaults(cfg["model"]))
@@ -233,6 +233,27 @@ def _check_save_format(cfg: dict, family) -> list[tuple[str, str]]:
         return [("network.save_format", "is diffusers, which loads no LoHa or LoKr; use network_module=lora or "
                  "another format")]
     return []
+
+
+def _check_image_only(cfg: dict, family) -> list[tuple[str, str]]:
+    """A model that takes images only (Family.image_only): video datasets and samples of several frames are errors."""
+    if not family.image_only:
+        return []
+    from musubi_pipe.data.dataset_config import entry_where
+    from musubi_pipe.sampling.settings import prompt_settings
+
+    problems = []
+    dataset = cfg["dataset"]
+    for i, entry in enumerate(dataset.get("datasets") or []):
+        for key in ("video_directory", "video_jsonl_file"):
+            if entry.get(key):
+                problems.append((f"{entry_where(dataset, i)}.{key}", f"is a video source, but {family.name} trains on "
+                                 "images only; use image_directory or image_jsonl_file"))
+    for i, p in enumerate(prompt_settings(cfg["sampling"], family.sampling_defaults(cfg["model"]))):
+        if p["frames"] not in (None, 1):
+            problems.append((f"sampling.prompts[{i}].frames", f"is {p['frames']}, but {family.name} makes images; set "
+                             "sampling.frames=1 (or the prompt's frames)"))
+    return problems
 
 
 def _check_experts(cfg: dict, family) -> list[tuple[str, str]]:
