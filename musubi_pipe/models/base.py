@@ -63,6 +63,24 @@ def active_experts(experts: list, which: str) -> list:
     return chosen
 
 
+@dataclass(frozen=True)
+class DitTensor:
+    """One tensor of a DiT file as `Family.dit_tensors` lists it (for tools merge): the file and key it is read from,
+    its official name, safetensors dtype code ("BF16", ...) and shape; `loaded` holds it already when the file has
+    no header to read lazily (a .pt state dict, renamed diffusers weights)."""
+
+    file: Path
+    key: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    loaded: Any = None
+
+
+class NotADit(Exception):
+    """Family.dit_tensors: the path is not this family's DiT (the message says what was expected)."""
+
+
 @dataclass
 class TrainingInputs:
     """What one training step feeds the DiT and compares its output with.
@@ -173,7 +191,7 @@ class Family:
     # class attributes every family sets (checked at class creation, like the @required methods)
     REQUIRED_ATTRIBUTES = ("name", "modelspec_arch", "modelspec_implementation", "musubi_network_module", "model_keys",
                            "text_dtype_key", "lora_naming", "fp8_text_key", "fp8_layers", "supports_loraid",
-                           "lora_default_excludes")
+                           "lora_default_excludes", "tiny_models")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -215,6 +233,8 @@ class Family:
     musubi_network_module: str  # musubi-tuner's LoRA network module for it (ss_network_module of LoRA files)
     # blocks_to_swap of each memory preset ("24gb", "16gb", "12gb") by model_size (memory.blocks_to_swap=preset)
     swap_presets: dict = {}
+    # {tiny task: its model group option}: the models tests and the conformance test build and run (every task)
+    tiny_models: dict
     # {old model group option: its name now}, e.g. {"wan21_t2v_14b": "wan/t2v_14b"}: accepted on the command line
     config_aliases: dict = {}
     model_keys: dict  # model.* config keys of this family beyond the common ones, with type specs
@@ -311,6 +331,12 @@ class Family:
     def predict(self, dit, noisy_latents, timesteps, text_embeds: list, cond: dict | None = None) -> Any:
         """Run the DiT: noisy latents [B, C, F, H, W], timesteps [B] in [0, 1000], text embeddings per item
         (the dicts TextEncoder.encode made), `cond` the batched conditioning (TrainingInputs.cond, or sampling's)."""
+
+    @required
+    def dit_tensors(self, dit, expert: str = "") -> tuple[list[DitTensor], list[Path]]:
+        """(every tensor of the DiT `dit` (a file, shards or folder, as model.dit takes) under its official name, the
+        files read), for tools merge and the merge stage. Raises NotADit when `dit` is not this family's DiT, and
+        UserError when it is but cannot be read (naming the file and the fix)."""
 
     @required
     def build_tiny(self, root: Path, task: str) -> dict[str, str]:

@@ -53,9 +53,8 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from musubi_pipe.errors import ConfigError, UserError
-from musubi_pipe.models.files import safetensors_header
-from musubi_pipe.models.wan.locate import is_fp8_scaled, locate_dit, strip_dit_prefix
+from musubi_pipe.errors import UserError
+from musubi_pipe.models.base import DitTensor, NotADit
 from musubi_pipe.network.factory import network_kind_of
 from musubi_pipe.network.formats import read_lora
 from musubi_pipe.network.lora import KIND_TITLES, lora_name
@@ -90,15 +89,7 @@ class LoraSpec:
     exclude: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class InputTensor:
-    """One tensor of the DiT: the file and key it is read from, its official name, dtype code and shape."""
-
-    file: Path
-    key: str
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
+InputTensor = DitTensor  # one tensor of the DiT (models/base.py)
 
 
 class Adapter(NamedTuple):
@@ -120,68 +111,23 @@ class LoadedLora:
 
 
 # -- the DiT side --------------------------------------------------------------------------------------------------
-def resolve_dit(dit: str | os.PathLike | Sequence[str | os.PathLike], expert: str = "") -> tuple[list[Path], str]:
-    """The .safetensors files of the DiT `dit` (one path, or several: shards) and their layout, "official" or
-    "diffusers". UserError names the path and what to pass instead."""
-    values = [dit] if isinstance(dit, (str, os.PathLike)) else list(dit)
-    if not values:
-        raise UserError(f"{DIT_KEY}: no DiT given; pass the DiT file (or folder) to merge into")
-    files, layouts = [], set()
-    for value in values:
+def dit_inputs(dit, expert: str = "", family=None) -> tuple[list[InputTensor], list[Path], object]:
+    """(every tensor of the DiT `dit`, officially named; the files read; the family it belongs to).
+
+    `family` None: the first registered family whose reader recognizes the DiT (Family.dit_tensors); UserError
+    lists what each said when none does."""
+    from musubi_pipe.models import family_names, get_family
+
+    families = [family] if family is not None else [get_family(name) for name in family_names()]
+    said = []
+    for candidate in families:
         try:
-            source = locate_dit(value, DIT_KEY, expert)
-        except ConfigError as e:
-            raise UserError("; ".join(f"{key} {message}" for key, message in e.problems)) from None
-        layouts.add("diffusers" if source.kind == "pretrained" else "official")
-        for path in source.files:
-            if path.suffix == ".safetensors" and path not in files:
-                files.append(path)
-            elif path.suffix in (".pt", ".pth"):
-                raise UserError(f"{path}: merge streams .safetensors files only; convert the .pth to .safetensors "
-                                "or use the ComfyUI/Wan-AI .safetensors download")
-    if len(layouts) > 1:
-        raise UserError(f"{DIT_KEY}: {', '.join(map(str, values))} mix a diffusers folder and official files; "
-                        "pass one DiT")
-    return files, layouts.pop()
-
-
-def read_inputs(files: Sequence[Path], layout: str) -> list[InputTensor]:
-    """Every tensor of the DiT `files`, named officially, from their headers only (nothing is read)."""
-    tensors: dict[str, InputTensor] = {}
-    for path in files:
-        try:
-            header = safetensors_header(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable .safetensors file ({e}); re-download it") from None
-        keys = [k for k in header if k != "__metadata__"]
-        if is_fp8_scaled(keys):
-            raise UserError(f"{path} is a ComfyUI fp8_scaled checkpoint (scaled_fp8 / .scale_weight tensors), which "
-                            "merge cannot handle; use the bf16/fp16 file or a plain fp8_e4m3fn one")
-        for key, name in _official_names(keys, layout, path).items():
-            info = header[key]
-            if info["dtype"] not in DTYPE_CODES:
-                raise UserError(f"{path}: tensor {key} has dtype {info['dtype']}, which merge does not handle")
-            if name in tensors:
-                raise UserError(f"{DIT_KEY}: tensor {name} is in both {tensors[name].file} and {path}; pass the "
-                                "shards of one DiT only")
-            tensors[name] = InputTensor(path, key, name, info["dtype"], tuple(info["shape"]))
-    if "head.modulation" not in tensors or "patch_embedding.weight" not in tensors:
-        raise UserError(f"{', '.join(map(str, files))} is not a Wan DiT (no head.modulation / patch_embedding "
-                        "tensors); pass the Wan DiT file or folder")
-    return list(tensors.values())
-
-
-def _official_names(keys: list[str], layout: str, path: Path) -> dict[str, str]:
-    """{file key: official name}: ComfyUI prefixes stripped, or diffusers names renamed by keymap's rule table."""
-    if layout == "official":
-        return dict(zip(keys, strip_dit_prefix(dict.fromkeys(keys))))
-    from musubi_pipe.models.wan.keymap import dit_to_official
-
-    try:
-        return {key: name for name, key in dit_to_official({k: k for k in keys}).items()}
-    except ValueError as e:
-        raise UserError(f"{path}: {e}; merge reads diffusers WanTransformer3DModel folders, use the official file "
-                        "instead") from None
+            inputs, files = candidate.dit_tensors(dit, expert)
+        except NotADit as e:
+            said.append(str(e))
+            continue
+        return inputs, files, candidate
+    raise UserError("; ".join(said) or f"{DIT_KEY}: no architecture reads {dit}")
 
 
 def output_dtypes(inputs: Sequence[InputTensor], dtype: torch.dtype | None) -> dict[str, str]:
@@ -383,12 +329,12 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 
 def merge_loras(dit_files, loras: Sequence, output, *, dtype=None, device="cpu", expert: str = "",
-                include: Sequence[str] = (), exclude: Sequence[str] = ()) -> dict:
+                include: Sequence[str] = (), exclude: Sequence[str] = (), family=None) -> dict:
     """Merge `loras` ((path, multiplier) pairs or LoraSpecs) into the DiT `dit_files` and write `output`.
 
     `dtype` (None: keep each tensor's, upcasting fp8) sets the output float dtype, `device` where ΔW is computed,
     `expert` ("high_noise"/"low_noise") the Wan2.2 expert inside a repo or pipeline root, `include`/`exclude` module
-    patterns for LoRAs given as pairs. Returns {"output", "bytes", "tensors", "changed", "loras": [{"file",
+    patterns for LoRAs given as pairs, `family` the architecture (None: recognized from the DiT). Returns {"output", "bytes", "tensors", "changed", "loras": [{"file",
     "multiplier", "kind", "modules"}], "seconds"}. Raises UserError naming the file at fault and the fix.
     """
     start = time.perf_counter()
@@ -398,10 +344,9 @@ def merge_loras(dit_files, loras: Sequence, output, *, dtype=None, device="cpu",
         raise UserError("--lora: no LoRA given; pass at least one --lora FILE[:MULTIPLIER]")
     if output.suffix != ".safetensors":
         raise UserError(f"--output {output} must end in .safetensors")
-    files, layout = resolve_dit(dit_files, expert)
-    if any(output.exists() and output.resolve() == f.resolve() for f in files):
+    if output.exists() and any(output.resolve() == Path(f).resolve() for f in _paths(dit_files)):
         raise UserError(f"--output {output} is one of the DiT files being read; write to a new file")
-    inputs = read_inputs(files, layout)
+    inputs, files, _ = dit_inputs(dit_files, expert, family)
     modules = module_shapes(inputs)
     loaded = [load_lora(spec, modules, device) for spec in specs]
     check_patterns_match(loaded)
@@ -436,11 +381,18 @@ def merge_loras(dit_files, loras: Sequence, output, *, dtype=None, device="cpu",
     }
 
 
+def _paths(dit_files) -> list:
+    return [dit_files] if isinstance(dit_files, (str, os.PathLike)) else list(dit_files)
+
+
 def merged_tensor(item: InputTensor, out_dtype: torch.dtype, loras: Sequence[LoadedLora], device) -> torch.Tensor:
-    """Read one DiT tensor (through its own safe_open, see the module doc), add Σ multiplier·ΔW of `loras` in float32
-    on `device`, and return it on the CPU in `out_dtype`."""
-    with safe_open(str(item.file), framework="pt", device="cpu") as f:
-        tensor = f.get_tensor(item.key)
+    """Read one DiT tensor (through its own safe_open, see the module doc, or from the state dict a .pt was read
+    into), add Σ multiplier·ΔW of `loras` in float32 on `device`, and return it on the CPU in `out_dtype`."""
+    if item.loaded is not None:
+        tensor = item.loaded
+    else:
+        with safe_open(str(item.file), framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(item.key)
     if not loras:
         return tensor.to(out_dtype)
     weight = tensor.to(device=device, dtype=torch.float32)

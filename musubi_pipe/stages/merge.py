@@ -35,8 +35,9 @@ def run(ctx: StageContext) -> dict:
             continue  # an expert that was not trained keeps its weights: nothing to write
         lora = train_dir / lora_experts[expert.name]
         name = f"{ctx.cfg['training']['output_name']}_merged{'_' + expert.name if expert.name else ''}.safetensors"
-        merge_loras(family.weight_files(model, "dit", expert.name), [(str(lora), float(settings["multiplier"]))],
-                    ctx.out_dir / name, dtype=settings.get("dtype"), device=common.resolve_device(job))
+        dit = model.get(expert.key.removeprefix("model."))  # as configured: a file, shards or a (diffusers) folder
+        merge_loras(dit, [(str(lora), float(settings["multiplier"]))],
+                    ctx.out_dir / name, dtype=settings.get("dtype"), device=common.resolve_device(job), family=family)
         written.append(name)
     return {"outputs": {"merged": written}}
 

@@ -48,6 +48,7 @@ class HunyuanVideoFamily(Family):
         "16gb": {"hunyuan_video": 44, "tiny": 1},
         "12gb": {"hunyuan_video": 54, "tiny": 1},
     }
+    tiny_models = {"tiny-t2v": "hunyuan_video/tiny", "tiny-skyreels-i2v": "hunyuan_video/tiny_skyreels_i2v"}
     # the model group's options before they moved under conf/model/hunyuan_video/: still accepted on the command line
     config_aliases = {
         "hunyuan_video_t2v": "hunyuan_video/t2v",
@@ -136,10 +137,6 @@ class HunyuanVideoFamily(Family):
         if any(s in ("cache_latents", "train") for s in stages) and not task.trainable:
             problems.append(("pipeline.stages", f"model.task={task.name} is inference only (as in musubi-tuner): "
                              "use pipeline.stages=[generate], or train model.task=t2v"))
-        if "merge" in stages:
-            problems.append(("pipeline.stages", "merging a LoRA into a HunyuanVideo DiT file is not built yet (the "
-                             "merge stage and tool read Wan DiTs); drop merge and load the LoRA file instead "
-                             "(sampling.loras, ComfyUI, musubi-tuner)"))
         return problems
 
     def weight_files(self, model_cfg: dict, part: str, expert: str = "") -> list[Path]:
@@ -248,6 +245,11 @@ class HunyuanVideoFamily(Family):
                   encoder_attention_mask=mask, pooled_projections=pooled.to(device, dtype),
                   guidance=guidance.to(dtype), return_dict=False)[0]
         return out
+
+    def dit_tensors(self, dit, expert: str = ""):
+        from musubi_pipe.models.hunyuan_video.dit_tensors import dit_tensors
+
+        return dit_tensors(dit, expert)
 
     def build_tiny(self, root: Path, task: str) -> dict[str, str]:
         marker = Path(root) / f".tiny_hunyuan_v{TINY_VERSION}_{task}"

@@ -66,6 +66,8 @@ class WanFamily(Family):
         "16gb": {"wan_14b": 30, "wan_5b": 10, "wan_1.3b": 0, "tiny": 1},
         "12gb": {"wan_14b": 36, "wan_5b": 20, "wan_1.3b": 10, "tiny": 1},
     }
+    tiny_models = {"tiny-t2v": "wan/tiny", "tiny-i2v": "wan/tiny_i2v", "tiny-t2v-A14B": "wan/tiny_t2v_a14b",
+                   "tiny-i2v-A14B": "wan/tiny_i2v_a14b", "tiny-ti2v-5B": "wan/tiny_ti2v_5b"}
     # the model group's options before they moved under conf/model/wan/: still accepted on the command line
     config_aliases = {
         "wan21_t2v_14b": "wan/t2v_14b",
@@ -300,6 +302,11 @@ class WanFamily(Family):
             out = out.clone()
             out[:, :, :1] = ((noisy_latents[:, :, :1].float() - first.float()) / sigma).to(out.dtype)
         return out
+
+    def dit_tensors(self, dit, expert: str = ""):
+        from musubi_pipe.models.wan.dit_tensors import dit_tensors
+
+        return dit_tensors(dit, expert)
 
     def build_tiny(self, root: Path, task: str) -> dict[str, str]:
         # A marker written after a complete build lets warm runs skip importing torch/diffusers.
