@@ -4,7 +4,8 @@ Per case (Family.tiny_models, from the registry): the tiny model builds in users
 (an inference-only task, such as SkyReels V1 I2V, then runs the generate stage and stops there);
 cache -> train 2 steps -> sample -> merge runs; every LoRA target moved in training (a target whose gradient was
 zero keeps its zero-initialised lora_up); the default LoRA file reads back through network.formats with every key
-used; the merge stage's DiT, reloaded by the family's own loader, computes what the hooked LoRA computes; and
+used and `tools inspect` groups its modules by the family's own blocks; the merge stage's DiT, reloaded by the
+family's own loader, computes what the hooked LoRA computes; and
 `tools merge`, recognising the architecture from the DiT alone, writes the same tensors. Merged DiTs are written in
 float32 here, so rounding to a bf16 file does not hide a wrong ΔW.
 """
@@ -40,6 +41,7 @@ def test_family_conformance(arch, task, group, demo):
     from musubi_pipe.network.factory import network_from_weights
     from musubi_pipe.network.formats import read_lora_file
     from musubi_pipe.network.merge import merge_loras
+    from musubi_pipe.tools.inspect_lora import inspect_lora
 
     family = get_family(arch)
     overrides = [f"model={group}", STAGES, "training.max_train_steps=2", "training.save_every_n_steps=null",
@@ -67,6 +69,10 @@ def test_family_conformance(arch, task, group, demo):
         ups = {k: v for k, v in tensors.items() if k.endswith("lora_up.weight")}
         if train["expert_steps"].get(expert_name, 0):  # an expert no batch was routed to keeps lora_up at zero
             assert ups and all(v.abs().max() > 0 for v in ups.values()), "a LoRA target got no gradient"
+
+        targets = inspect_lora(lora)["targets"]  # tools inspect groups the modules by the family's own blocks
+        assert (targets["block_count"], targets["outside_blocks"]) == (family.num_blocks(model), [])
+        assert set(targets["lists"]) == set(family.block_lists)
 
         base = family.load_dit(model, "cpu", torch.float32, expert_name)
         network = network_from_weights(family.lora_targets(base), tensors, source=str(lora))  # every key used

@@ -191,7 +191,7 @@ class Family:
     # class attributes every family sets (checked at class creation, like the @required methods)
     REQUIRED_ATTRIBUTES = ("name", "modelspec_arch", "modelspec_implementation", "musubi_network_module", "model_keys",
                            "text_dtype_key", "lora_naming", "fp8_text_key", "fp8_layers", "supports_loraid",
-                           "lora_default_excludes", "tiny_models")
+                           "lora_default_excludes", "tiny_models", "block_lists")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -233,6 +233,8 @@ class Family:
     musubi_network_module: str  # musubi-tuner's LoRA network module for it (ss_network_module of LoRA files)
     # blocks_to_swap of each memory preset ("24gb", "16gb", "12gb") by model_size (memory.blocks_to_swap=preset)
     swap_presets: dict = {}
+    # the DiT's lists of repeated blocks by official name prefix (tools inspect groups a LoRA's modules by them)
+    block_lists: tuple[str, ...]
     # {tiny task: its model group option}: the models tests and the conformance test build and run (every task)
     tiny_models: dict
     # {old model group option: its name now}, e.g. {"wan21_t2v_14b": "wan/t2v_14b"}: accepted on the command line

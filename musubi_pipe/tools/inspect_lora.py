@@ -158,7 +158,7 @@ def inspect_lora(path: str | os.PathLike, model: str | os.PathLike | None = None
         "network": summarise_network(modules, tensors),
         "metadata": dict(sorted(metadata.items())),
         "modules": modules,
-        "targets": summarise_targets([m["module"] for m in modules]),
+        "targets": summarise_targets([m["module"] for m in modules], _block_lists(list(names), metadata)),
         "unrecognised_keys": unrecognised,
         "problems": problems,
         "notes": metadata_notes(modules, metadata, bool(peft_alphas)),
@@ -425,31 +425,52 @@ def _counts(values: Iterable) -> dict[str, int]:
     return dict(sorted(counter.items(), key=lambda kv: (-kv[1], _natural(kv[0]))))
 
 
-def summarise_targets(module_names: list[str]) -> dict:
-    """Which blocks and sub-modules the modules adapt: {"blocks", "block_count", "per_block": [{"blocks",
-    "modules", "text"}], "outside_blocks", "text"}; text is e.g. "blocks 0-39 (40 blocks), per block: self_attn
-    q,k,v,o; cross_attn q,k,v,o; ffn 0,2"."""
-    per_block: dict[int, set[str]] = defaultdict(set)
+def _block_lists(stems: list[str], metadata: dict) -> tuple[str, ...]:
+    """The block lists of the family the file is for (Family.block_lists; Wan's `blocks` when none claims it)."""
+    from musubi_pipe.models import family_names, get_family, lora_naming_for
+
+    arch = lora_naming_for([s.removeprefix(MUSUBI_PREFIX).lstrip("_") for s in stems], metadata).arch
+    return get_family(arch).block_lists if arch in family_names() else ("blocks",)
+
+
+def summarise_targets(module_names: list[str], block_lists: tuple[str, ...] = ("blocks",)) -> dict:
+    """Which blocks and sub-modules the modules adapt, by the family's block lists (Wan `blocks`, HunyuanVideo
+    `double_blocks` and `single_blocks`): {"blocks", "block_count", "per_block": [{"blocks", "modules", "text"}],
+    "outside_blocks", "text", "lists": {list: that summary}}. For one list, text is e.g. "blocks 0-39 (40 blocks),
+    per block: self_attn q,k,v,o; cross_attn q,k,v,o; ffn 0,2"; several are joined with " | "."""
+    per_list: dict[str, dict[int, set[str]]] = {name: defaultdict(set) for name in block_lists}
+    pattern = re.compile(rf"^({'|'.join(map(re.escape, block_lists))})[._](\d+)[._](.+)$")
     outside = []
     for name in module_names:
-        m = _BLOCK.match(name.removeprefix(MUSUBI_PREFIX))
+        m = pattern.match(name.removeprefix(MUSUBI_PREFIX))
         if m:
-            per_block[int(m[1])].add(m[2])
+            per_list[m[1]][int(m[2])].add(m[3])
         else:
             outside.append(name)
+    lists = {name: _summarise_list(name, blocks) for name, blocks in per_list.items() if blocks}
+    if len(block_lists) == 1:
+        summary = lists.get(block_lists[0]) or _summarise_list(block_lists[0], {})
+    else:
+        summary = {"blocks": [f"{name}.{b}" for name, s in lists.items() for b in s["blocks"]],
+                   "block_count": sum(s["block_count"] for s in lists.values()),
+                   "per_block": [dict(g, list=name) for name, s in lists.items() for g in s["per_block"]],
+                   "text": " | ".join(s["text"] for s in lists.values()) or "no blocks"}
+    return {**summary, "outside_blocks": outside, "lists": lists}
+
+
+def _summarise_list(list_name: str, per_block: dict[int, set[str]]) -> dict:
     by_set: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for block in sorted(per_block):
         by_set[tuple(sorted(per_block[block], key=_sub_order))].append(block)
     groups = [{"blocks": blocks, "modules": list(subs), "text": describe_submodules(subs)}
               for subs, blocks in by_set.items()]
     blocks = sorted(per_block)
-    text = f"blocks {ranges(blocks)} ({_plural(len(blocks), 'block')})" if blocks else "no blocks"
+    text = f"{list_name} {ranges(blocks)} ({_plural(len(blocks), 'block')})" if blocks else "no blocks"
     if len(groups) == 1:
         text += f", per block: {groups[0]['text']}"
     else:
-        text += "".join(f"; blocks {ranges(g['blocks'])}: {g['text']}" for g in groups)
-    return {"blocks": blocks, "block_count": len(blocks), "per_block": groups, "outside_blocks": outside,
-            "text": text}
+        text += "".join(f"; {list_name} {ranges(g['blocks'])}: {g['text']}" for g in groups)
+    return {"blocks": blocks, "block_count": len(blocks), "per_block": groups, "text": text}
 
 
 def describe_submodules(subs: Iterable[str]) -> str:

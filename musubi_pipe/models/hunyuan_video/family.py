@@ -48,6 +48,7 @@ class HunyuanVideoFamily(Family):
         "16gb": {"hunyuan_video": 44, "tiny": 1},
         "12gb": {"hunyuan_video": 54, "tiny": 1},
     }
+    block_lists = ("double_blocks", "single_blocks")
     tiny_models = {"tiny-t2v": "hunyuan_video/tiny", "tiny-skyreels-i2v": "hunyuan_video/tiny_skyreels_i2v"}
     # the model group's options before they moved under conf/model/hunyuan_video/: still accepted on the command line
     config_aliases = {

@@ -66,6 +66,7 @@ class WanFamily(Family):
         "16gb": {"wan_14b": 30, "wan_5b": 10, "wan_1.3b": 0, "tiny": 1},
         "12gb": {"wan_14b": 36, "wan_5b": 20, "wan_1.3b": 10, "tiny": 1},
     }
+    block_lists = ("blocks",)
     tiny_models = {"tiny-t2v": "wan/tiny", "tiny-i2v": "wan/tiny_i2v", "tiny-t2v-A14B": "wan/tiny_t2v_a14b",
                    "tiny-i2v-A14B": "wan/tiny_i2v_a14b", "tiny-ti2v-5B": "wan/tiny_ti2v_5b"}
     # the model group's options before they moved under conf/model/wan/: still accepted on the command line
