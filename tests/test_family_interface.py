@@ -83,3 +83,13 @@ def test_an_image_only_family_refuses_video_datasets_and_frames(tmp_path, monkey
                                                 "image_directory or image_jsonl_file"),
         ("sampling.prompts[1].frames", "is 9, but wan makes images; set sampling.frames=1 (or the prompt's frames)"),
     ]
+
+
+def test_families_are_found_from_their_folders():
+    from pathlib import Path
+
+    import musubi_pipe.models as models
+
+    folders = sorted(p.name for p in Path(models.__file__).parent.iterdir() if (p / "family.py").is_file())
+    assert family_names() == folders and "wan" in folders and "hunyuan_video" in folders
+    assert all(get_family(name).name == name for name in folders)  # model.arch is the folder's name

@@ -1,20 +1,23 @@
 """Architecture registry: `model.arch` names a family; stages reach models only through it.
 
-A family module registers itself lazily: the registry maps a name to an import path, so
-`import musubi_pipe.models` never imports torch. Adding an architecture means adding one line here
-and one package under models/.
+Every package `models/<arch>/` with a `family.py` defining `FAMILY` (a models.base.Family whose `name` is
+`<arch>`) is an architecture: adding one means adding its package, nothing here. Families are imported
+only when asked for, and their modules import torch only inside methods, so `import musubi_pipe.models`
+stays cheap.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from musubi_pipe.errors import ConfigError
 
-# arch name -> "module:attribute" of its Family object
+# arch name -> "module:attribute" of its Family object: every models/<arch>/family.py
 _FAMILIES: dict[str, str] = {
-    "wan": "musubi_pipe.models.wan.family:FAMILY",
-    "hunyuan_video": "musubi_pipe.models.hunyuan_video.family:FAMILY",
+    folder.name: f"musubi_pipe.models.{folder.name}.family:FAMILY"
+    for folder in sorted(Path(__file__).parent.iterdir())
+    if (folder / "family.py").is_file() and not folder.name.startswith(("_", "."))
 }
 
 
