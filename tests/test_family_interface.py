@@ -93,3 +93,22 @@ def test_families_are_found_from_their_folders():
     folders = sorted(p.name for p in Path(models.__file__).parent.iterdir() if (p / "family.py").is_file())
     assert family_names() == folders and "wan" in folders and "hunyuan_video" in folders
     assert all(get_family(name).name == name for name in folders)  # model.arch is the folder's name
+
+
+def test_loraid_units_come_from_the_family_layout():
+    from musubi_pipe.errors import ConfigError
+    from musubi_pipe.models.base import LoraidLayout
+    from musubi_pipe.network.loraid import Unit, modules_by_expert, task_candidates, task_units
+
+    wan = get_family("wan").loraid_layout({"task": "t2v-A14B"})
+    assert (wan.block_list, wan.groups, wan.num_blocks, wan.experts) == (
+        "blocks", ("self_attn", "cross_attn", "ffn"), 40, ("high_noise", "low_noise"))
+    assert list(wan.candidates) == task_candidates("t2v-A14B") and len(task_units("t2v-A14B")) == 80
+    # another architecture's blocks: the same units, its own names
+    other = LoraidLayout("layers", ("attention", "feed_forward"), 2, ("",),
+                         ("layers.0.attention.to_q", "layers.0.feed_forward.w1", "layers.1.attention.to_q"))
+    assert Unit("", 0, "attention").modules(other.candidates, other) == ["layers.0.attention.to_q"]
+    assert modules_by_expert([["", 1, "all"]], {"": other.candidates}, other) == {"": ["layers.1.attention.to_q"]}
+    assert get_family("hunyuan_video").loraid_layout({"task": "t2v"}) is None
+    with pytest.raises(ConfigError, match="LORAID allocation is not built for model.arch=hunyuan_video"):
+        task_units("t2v", arch="hunyuan_video")

@@ -79,7 +79,7 @@ def _check_loraid(cfg: dict) -> list[tuple[str, str]]:
     if not getattr(get_family(cfg["model"]["arch"]), "supports_loraid", False):
         return [("network.loraid", f"LORAID allocation is built for Wan models only, not model.arch="
                  f"{cfg['model']['arch']}; remove network.loraid")]
-    problems = check_loraid_settings(net, cfg["model"].get("task"))
+    problems = check_loraid_settings(net, cfg["model"].get("task"), arch=cfg["model"]["arch"])
     if net.get("include_patterns"):
         problems.append(("network.include_patterns", "is set with network.loraid, which already chooses the modules; "
                          "remove it (exclude_patterns still apply on top)"))

@@ -77,6 +77,19 @@ class DitTensor:
     loaded: Any = None
 
 
+@dataclass(frozen=True)
+class LoraidLayout:
+    """How LORAID (network/loraid.py) cuts a model into units: the block list (official name prefix, e.g. "blocks"),
+    the sub-module groups of a block (loraid_unit=submodule), the blocks per DiT, the experts (in canonical order)
+    and one expert's LoRA candidates (official names, in order; no torch needed)."""
+
+    block_list: str
+    groups: tuple[str, ...]
+    num_blocks: int
+    experts: tuple[str, ...]
+    candidates: tuple[str, ...]
+
+
 class NotADit(Exception):
     """Family.dit_tensors: the path is not this family's DiT (the message says what was expected)."""
 
@@ -201,6 +214,10 @@ class Family:
         if missing:
             raise TypeError(f"architecture family {cls.__name__} does not define {', '.join(missing)} "
                             "(models/base.py, Family, says what each is)")
+
+    def loraid_layout(self, model_cfg: dict) -> LoraidLayout | None:
+        """How LORAID cuts this model into units; None (the default) when LORAID does not support it."""
+        return None
 
     image_only: bool = False  # True: the model takes images only (a video dataset or frames > 1 is a config error)
     # how sampling guides: "cfg" (classifier-free with the negative prompt; guidance_scale 1 skips the negative

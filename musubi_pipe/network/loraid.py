@@ -52,7 +52,7 @@ from typing import Any, Union
 from musubi_pipe.errors import ConfigError
 
 LORAID_VERSION = 1
-GROUPS = ("self_attn", "cross_attn", "ffn")
+GROUPS = ("self_attn", "cross_attn", "ffn")  # Wan's groups: the default where no layout is given
 UNIT_KINDS = ("block", "submodule")
 LAYOUTS = ("contiguous", "interleaved")
 LORAID_DEFAULTS: dict[str, Any] = {
@@ -61,7 +61,7 @@ LORAID_DEFAULTS: dict[str, Any] = {
     "loraid_layout": "contiguous",
     "loraid_unit": "block",
 }
-ARCH = "wan"
+ARCH = "wan"  # the architecture of task-only calls (the loraid-table tool's --task is a Wan task)
 
 
 class LoraidError(ConfigError):
@@ -79,14 +79,16 @@ class Unit:
     block: int
     group: str = "all"
 
-    def pattern(self) -> str:
-        """A regex that fully matches (re.fullmatch) the official module paths of this unit."""
-        groups = "(" + "|".join(GROUPS) + ")" if self.group == "all" else self.group
-        return rf"blocks\.{self.block}\.{groups}\..*"
+    def pattern(self, layout=None) -> str:
+        """A regex that fully matches (re.fullmatch) the official module paths of this unit; `layout` (the family's
+        LoraidLayout) names the block list and groups, Wan's by default."""
+        block_list, all_groups = (layout.block_list, layout.groups) if layout is not None else ("blocks", GROUPS)
+        groups = "(" + "|".join(all_groups) + ")" if self.group == "all" else self.group
+        return rf"{re.escape(block_list)}\.{self.block}\.{groups}\..*"
 
-    def modules(self, candidates: Iterable[str]) -> list[str]:
+    def modules(self, candidates: Iterable[str], layout=None) -> list[str]:
         """The official module paths of this unit among the model's LoRA candidates, in their order."""
-        regex = re.compile(self.pattern())
+        regex = re.compile(self.pattern(layout))
         return [name for name in candidates if regex.fullmatch(name)]
 
     def as_list(self) -> list:
@@ -110,36 +112,40 @@ def as_unit(value: UnitLike) -> Unit:
 
 
 # -- units of a model ------------------------------------------------------------------------
-def model_units(experts: Sequence[str], num_blocks: int, unit: str = "block") -> list[Unit]:
+def model_units(experts: Sequence[str], num_blocks: int, unit: str = "block",
+                groups: Sequence[str] = GROUPS) -> list[Unit]:
     """Every unit of a model in canonical order: expert (as given), then block, then group."""
     _check_choice(unit, UNIT_KINDS, "network.loraid_unit")
-    groups = ("all",) if unit == "block" else GROUPS
-    return [Unit(e, b, g) for e in experts for b in range(num_blocks) for g in groups]
+    unit_groups = ("all",) if unit == "block" else tuple(groups)
+    return [Unit(e, b, g) for e in experts for b in range(num_blocks) for g in unit_groups]
 
 
-def task_experts(task: str) -> list[str]:
-    """The expert names of a Wan task ([""] for one DiT; high_noise, low_noise for Wan2.2 A14B); no torch."""
+def layout_for(task: str, arch: str = ARCH):
+    """The family's LoraidLayout of `task` (Family.loraid_layout); LoraidError when the family has none;
+    ConfigError on model.task for an unknown task."""
     from musubi_pipe.models import get_family
 
-    return [expert.name for expert in get_family(ARCH).experts({"task": task})]
+    layout = get_family(arch).loraid_layout({"task": task})
+    if layout is None:
+        raise LoraidError("network.loraid", f"LORAID allocation is not built for model.arch={arch}; remove "
+                                            "network.loraid")
+    return layout
 
 
-def task_units(task: str, unit: str = "block") -> list[Unit]:
-    """The units of a Wan task's model (see model_units); ConfigError on model.task for an unknown task."""
-    from musubi_pipe.models.wan.tasks import get_task
-
-    return model_units(task_experts(task), get_task(task).dit_config["num_layers"], unit)
+def task_experts(task: str, arch: str = ARCH) -> list[str]:
+    """The expert names of a task ([""] for one DiT; high_noise, low_noise for Wan2.2 A14B); no torch."""
+    return list(layout_for(task, arch).experts)
 
 
-def task_candidates(task: str) -> list[str]:
-    """The official LoRA target paths of one expert of a Wan task, as family.lora_targets names them (no torch)."""
-    from musubi_pipe.models.wan.names import BLOCK_LINEARS
-    from musubi_pipe.models.wan.tasks import get_task
+def task_units(task: str, unit: str = "block", arch: str = ARCH) -> list[Unit]:
+    """The units of a task's model (see model_units); ConfigError on model.task for an unknown task."""
+    layout = layout_for(task, arch)
+    return model_units(layout.experts, layout.num_blocks, unit, layout.groups)
 
-    config = get_task(task).dit_config
-    has_image_kv = bool(config.get("added_kv_proj_dim"))
-    templates = [o for _, o in BLOCK_LINEARS if has_image_kv or not o.endswith("_img")]
-    return [t.format(b) for b in range(config["num_layers"]) for t in templates]
+
+def task_candidates(task: str, arch: str = ARCH) -> list[str]:
+    """The official LoRA target paths of one expert of a task, as family.lora_targets names them (no torch)."""
+    return list(layout_for(task, arch).candidates)
 
 
 # -- allocation ------------------------------------------------------------------------------
@@ -188,13 +194,13 @@ def leftover(units: Sequence[Unit], units_per_id: int, layout: str) -> list[Unit
 
 
 def allocation_for(task: str, loraid: int, units_per_id: int = 1, layout: str = "contiguous",
-                   unit: str = "block") -> dict:
-    """The JSON-ready allocation of ID `loraid` on a Wan task's model (for LoRA metadata and the table)."""
-    units = task_units(task, unit)
+                   unit: str = "block", arch: str = ARCH) -> dict:
+    """The JSON-ready allocation of ID `loraid` on a task's model (for LoRA metadata and the table)."""
+    units = task_units(task, unit, arch)
     chosen = allocate(units, loraid, units_per_id, layout)
     return {
         "version": LORAID_VERSION,
-        "arch": ARCH,
+        "arch": arch,
         "task": task,
         "loraid": loraid,
         "unit": unit,
@@ -205,15 +211,16 @@ def allocation_for(task: str, loraid: int, units_per_id: int = 1, layout: str = 
     }
 
 
-def allocation_from_config(net_cfg: Mapping[str, Any], task: str) -> dict | None:
+def allocation_from_config(net_cfg: Mapping[str, Any], task: str, arch: str = ARCH) -> dict | None:
     """The allocation the `network` settings ask for, or None when network.loraid is null; ConfigError if invalid."""
-    problems = check_loraid_settings(net_cfg, task)
+    problems = check_loraid_settings(net_cfg, task, arch=arch)
     if problems:
         raise ConfigError(problems)
     cfg = loraid_settings(net_cfg)
     if cfg["loraid"] is None:
         return None
-    return allocation_for(task, cfg["loraid"], cfg["loraid_units_per_id"], cfg["loraid_layout"], cfg["loraid_unit"])
+    return allocation_for(task, cfg["loraid"], cfg["loraid_units_per_id"], cfg["loraid_layout"], cfg["loraid_unit"],
+                          arch)
 
 
 def _units_of(allocation: Mapping | Iterable[UnitLike]) -> list[Unit]:
@@ -222,17 +229,17 @@ def _units_of(allocation: Mapping | Iterable[UnitLike]) -> list[Unit]:
     return [as_unit(u) for u in items]
 
 
-def include_patterns(allocation_units: Mapping | Iterable[UnitLike], expert: str) -> list[str]:
+def include_patterns(allocation_units: Mapping | Iterable[UnitLike], expert: str, layout=None) -> list[str]:
     """Full-match regexes selecting the allocated modules of `expert` (a whitelist, as network.targets.filter_targets reads one).
 
     An empty list means this ID trains nothing on that expert: build no network for it (an empty include
     list given to filter_targets would select every module).
     """
-    return [u.pattern() for u in _units_of(allocation_units) if u.expert == expert]
+    return [u.pattern(layout) for u in _units_of(allocation_units) if u.expert == expert]
 
 
 def modules_by_expert(allocation: Mapping | Iterable[UnitLike],
-                      candidates_by_expert: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+                      candidates_by_expert: Mapping[str, Iterable[str]], layout=None) -> dict[str, list[str]]:
     """{expert: the official module paths the allocation trains on it} ([] = nothing), in candidate order.
 
     LoraidError when the allocation names an expert or a block the model does not have (made for another model).
@@ -244,13 +251,13 @@ def modules_by_expert(allocation: Mapping | Iterable[UnitLike],
             raise LoraidError("network.loraid", (
                 f"the allocation names expert {u.expert!r} but the model has experts {sorted(candidates)}; "
                 "the allocation was made for another model (check model.task)"))
-        if not u.modules(candidates[u.expert]):
+        if not u.modules(candidates[u.expert], layout):
             raise LoraidError("network.loraid", (
-                f"no LoRA target of the model belongs to unit {u} (pattern {u.pattern()}); the allocation was made "
+                f"no LoRA target of the model belongs to unit {u} (pattern {u.pattern(layout)}); the allocation was made "
                 "for another model (check model.task)"))
     result = {}
     for expert, names in candidates.items():
-        patterns = [re.compile(p) for p in include_patterns(units, expert)]
+        patterns = [re.compile(p) for p in include_patterns(units, expert, layout)]
         result[expert] = [n for n in names if any(p.fullmatch(n) for p in patterns)]
     return result
 
@@ -278,7 +285,8 @@ def loraid_settings(net_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: net_cfg.get(k) if net_cfg.get(k) is not None else default for k, default in LORAID_DEFAULTS.items()}
 
 
-def check_loraid_settings(net_cfg: Mapping[str, Any], task: str, where: str = "network") -> list[tuple[str, str]]:
+def check_loraid_settings(net_cfg: Mapping[str, Any], task: str, where: str = "network",
+                          arch: str = ARCH) -> list[tuple[str, str]]:
     """(key, message) for every bad LORAID setting, including an ID beyond the model's capacity.
 
     The capacity is checked only when the other settings and model.task are valid (an unknown task is
@@ -297,7 +305,9 @@ def check_loraid_settings(net_cfg: Mapping[str, Any], task: str, where: str = "n
     if problems or loraid is None:
         return problems
     try:
-        units = task_units(task, cfg["loraid_unit"])
+        units = task_units(task, cfg["loraid_unit"], arch)
+    except LoraidError as e:
+        return problems + e.problems
     except ConfigError:
         return problems
     try:

@@ -93,7 +93,8 @@ class Trainer:
         train, opt, net = self.cfg["training"], self.cfg["optimizer"], self.cfg["network"]
         self.experts = active_experts(self.family.experts(self.model_cfg), train.get("experts", "both"))
         # LORAID: this ID trains only its units, so only the experts that hold some of them
-        self.loraid = allocation_from_config(net, self.model_cfg.get("task"))
+        self.loraid = allocation_from_config(net, self.model_cfg.get("task"), self.family.name)
+        self.loraid_layout = self.family.loraid_layout(self.model_cfg) if self.loraid is not None else None
         if self.loraid is not None:
             with_units = {unit[0] for unit in self.loraid["units"]}
             self.experts = [e for e in self.experts if e.name in with_units]
@@ -130,7 +131,7 @@ class Trainer:
             candidates.setdefault("" if shared else expert.name, list(targets))
             if self.loraid is not None:
                 own = dict(self.loraid, units=[u for u in self.loraid["units"] if u[0] == expert.name])
-                modules = modules_by_expert(own, {expert.name: list(targets)})[expert.name]
+                modules = modules_by_expert(own, {expert.name: list(targets)}, self.loraid_layout)[expert.name]
                 targets = {m: targets[m] for m in modules}
             network = build_network(targets, net, default_excludes=self.family.lora_default_excludes)
             if shared and self.networks:

@@ -304,6 +304,17 @@ class WanFamily(Family):
             out[:, :, :1] = ((noisy_latents[:, :, :1].float() - first.float()) / sigma).to(out.dtype)
         return out
 
+    def loraid_layout(self, model_cfg: dict):
+        from musubi_pipe.models.base import LoraidLayout
+        from musubi_pipe.models.wan.names import BLOCK_LINEARS
+
+        config = get_task(model_cfg.get("task")).dit_config
+        has_image_kv = bool(config.get("added_kv_proj_dim"))  # Wan2.1 I2V's cross_attn k_img / v_img
+        templates = [o for _, o in BLOCK_LINEARS if has_image_kv or not o.endswith("_img")]
+        return LoraidLayout(block_list="blocks", groups=("self_attn", "cross_attn", "ffn"),
+                            num_blocks=config["num_layers"], experts=tuple(e.name for e in self.experts(model_cfg)),
+                            candidates=tuple(t.format(b) for b in range(config["num_layers"]) for t in templates))
+
     def dit_tensors(self, dit, expert: str = ""):
         from musubi_pipe.models.wan.dit_tensors import dit_tensors
 
