@@ -2,8 +2,9 @@
 
 Every check runs and all problems are raised together: a musubi-tuner dataset file and the prompt
 file, the schema (unknown keys, missing `???`, types, choices) for every group, dataset entries and
-sampling prompts, the training settings, and, where the model and dataset sections are well formed,
-the embedded demo assets are built and the family checks its weight files and each stage's needs.
+sampling prompts, the training settings, and, when model.arch names a family, the embedded demo assets
+are built and the family checks its weight files and each stage's needs. A check that stumbles over a
+value already reported (a string where a number belongs) is skipped rather than reported twice.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def validate(cfg: dict, overrides=()) -> None:
     """Raise ConfigError listing every problem of `cfg` (a resolved plain dict); build demo assets.
 
     Every check runs, so one pass reports them all: the dataset file, the schema, the training settings
-    and, where the model section is well formed, the model's files and the stage-specific checks. A
+    and, when model.arch names a family, the model's files and the stage-specific checks. A
     musubi-tuner dataset file (dataset.musubi_config) is read into `cfg` first, in place; `overrides` are
     the command line's (see read_musubi_config).
     """

@@ -89,4 +89,3 @@ def item_problem(path: str | os.PathLike) -> str | None:
     except OSError as err:
         return f"unreadable ({err.strerror})"
     return None if actual == recorded else "content does not match the digest recorded when it was written"
-

@@ -49,7 +49,6 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         self.verify = verify
         self._verified: dict[str, tuple] = {}  # path -> stat signature of a file hashed and found good this run
-        self.hashed_bytes = 0  # what checking cost this run (benchmarks/verify_cost.py reports it)
         self.moved_aside: list[str] = []  # what this run found corrupt, for its record
 
     def _hash_once(self, path: Path, check) -> str | None:
@@ -59,7 +58,6 @@ class Store:
         if self._verified.get(str(path)) == signature:
             return None
         problem = check(path)
-        self.hashed_bytes += st.st_size
         if problem is None:
             self._verified[str(path)] = signature
         return problem

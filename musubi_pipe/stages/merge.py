@@ -1,7 +1,8 @@
 """merge: the trained LoRA merged into the DiT, written as one official-format .safetensors per DiT.
 
 Add it after train: `pipeline.stages=[...,train,merge]`.
-The result loads like the original DiT, in musubi_pipe (model.dit=<file>) and in ComfyUI. The merge
+The result loads like the original DiT in musubi_pipe (model.dit=<file>) and, for Wan, in ComfyUI
+(for HunyuanVideo that ComfyUI loads it is not verified). The merge
 streams tensor by tensor (network.merge), so memory stays near one tensor, but the output is a whole
 model on disk. Wan2.2 A14B: each expert's DiT gets its own LoRA, `<name>_merged_high_noise` and
 `<name>_merged_low_noise`. Settings: `merge.multiplier` (1.0), `merge.dtype` (null: the DiT's own). To merge an EMA LoRA, use
