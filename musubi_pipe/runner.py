@@ -35,14 +35,18 @@ def resolve(cfg: DictConfig) -> dict:
     return container
 
 
-def run(cfg: DictConfig | dict, run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
+SPEC_FILE = "spec.yaml"
+
+
+def run(cfg: DictConfig | dict, run_dir: str | os.PathLike, overrides: list[str] = (), spec: dict | None = None) -> dict:
     """Validate, plan and execute one run; write and return its run record.
 
     The record is written when the run starts (status "running", with the stages it plans), after each
     stage, and at the end ("ok" or "dry_run"); a run that fails or is interrupted records "failed" or
     "interrupted" and its error before the exception goes on. `<run_dir>/run.log` holds the plan, each
     stage's result, warnings and the error. `overrides` are the command line's (validation names those
-    a musubi-tuner dataset file would silently replace).
+    a musubi-tuner dataset file would silently replace). `spec` (the command line's run as a run spec,
+    config/spec.py) is written as `<run_dir>/spec.yaml`: `python -m musubi_pipe <run_dir>/spec.yaml` reruns it.
     """
     started = time.time()
     dist = current()
@@ -53,6 +57,11 @@ def run(cfg: DictConfig | dict, run_dir: str | os.PathLike, overrides: list[str]
         with storage_errors("starting the run", run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_config(run_dir, container)
+            if spec is not None:
+                from musubi_pipe.config.spec import write_spec
+
+                write_spec(spec, run_dir / SPEC_FILE, header="The run spec of this run: python -m musubi_pipe "
+                           f"{run_dir / SPEC_FILE} [key=value ...]")
             _write_record(dist, run_dir, record)  # status "running": even a SIGKILLed run leaves its record
     with _run_log(run_dir if dist.main else None, container):
         try:

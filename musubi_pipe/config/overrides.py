@@ -83,7 +83,9 @@ def _split(argv: list[str]) -> tuple[list[str], list[Path]] | None:
 def _group_options(config_dirs: list[Path]) -> dict[str, set[str]]:
     """Every config group and its options: conf/<group>/**/*.yaml (`model=wan/t2v_14b`), recipes/*.yaml and the
     --config-dir folders."""
-    groups: dict[str, set[str]] = {"recipe": {p.stem for p in recipes_dir().glob("*.yaml")}}
+    from musubi_pipe.config.recipes import EXTRA_RECIPES
+
+    groups: dict[str, set[str]] = {"recipe": {p.stem for p in recipes_dir().glob("*.yaml")} | EXTRA_RECIPES}
     for root in [conf_dir(), *config_dirs]:
         if not root.is_dir():
             continue

@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from musubi_pipe.config.locate import conf_dir, recipes_dir
 from musubi_pipe.config.run_dirs import register_run_dir_resolver
 
+EXTRA_RECIPES: set[str] = set()  # recipes stored from run spec files (config/spec.py) in this process
+
 
 def register_recipes(directory: Path | None = None) -> list[str]:
     """Store every recipe YAML of `directory` (default: bundled recipes) in the ConfigStore; return names."""
@@ -29,14 +31,19 @@ def register_recipes(directory: Path | None = None) -> list[str]:
     return names
 
 
-def compose(overrides: list[str] | None = None, config_dir: Path | None = None):
-    """Compose the config as the command line would (for tests and tools); returns a DictConfig."""
+def compose(overrides: list[str] | None = None, config_dir: Path | None = None, return_hydra_config: bool = False):
+    """Compose the config as the command line would (for tests and tools); returns a DictConfig.
+
+    A run spec file among the overrides (`my_run.toml`) is read and stands for its recipe, as on the command line."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from musubi_pipe.config.overrides import rewrite_aliases
 
+    from musubi_pipe.config.spec import spec_arguments
+
     register_recipes()
-    overrides, _ = rewrite_aliases(list(overrides or []))
+    overrides, _ = spec_arguments(list(overrides or []))
+    overrides, _ = rewrite_aliases(overrides)
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir or conf_dir())):
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
