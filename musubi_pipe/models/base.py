@@ -236,6 +236,22 @@ class Family:
         token count, as FLUX and Qwen-Image do, computes it from `latent_shape`)."""
         return prompt["shift"]
 
+    # musubi-tuner's scripts for this family (file names: tools from-musubi converts their command lines), the
+    # flags they take beyond config/musubi_flags.COMMON ({flag: Flag}), musubi-tuner's defaults where ours differ
+    # ({flag: (key, value, "train" | "latents" | "text": the kind of script whose default it is)}), and a hint
+    # for each model key a converted spec may still lack ({"model.t5_tokenizer": "where it comes from"})
+    musubi_scripts: tuple[str, ...] = ()
+    musubi_flags: dict = {}
+    musubi_defaults: dict = {}
+    musubi_hints: dict = {}
+
+    def musubi_model(self, flags: dict) -> str:
+        """The model group option (`wan/t2v_14b`) a musubi-tuner command with these {flag: values} trains;
+        a UserError names a task that is not built."""
+        from musubi_pipe.errors import UserError
+
+        raise UserError(f"{self.name}: musubi-tuner command lines are not converted for this model yet")
+
     def sample(self, model_cfg: dict, request: SampleRequest):
         """Denoise one prompt; return its latents [1, C, F, H, W] (float32, CPU). The default is the flow-matching
         Euler loop (sampling/denoise.py) with expert routing and `guidance_style`; a model that samples in

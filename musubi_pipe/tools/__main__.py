@@ -17,6 +17,7 @@ from musubi_pipe.errors import UserError
 VERBS: dict[str, str] = {
     "convert": "musubi_pipe.tools.convert",
     "ema": "musubi_pipe.tools.ema",
+    "from-musubi": "musubi_pipe.tools.from_musubi",
     "gc": "musubi_pipe.tools.gc",
     "inspect": "musubi_pipe.tools.inspect_lora",
     "loraid-table": "musubi_pipe.tools.loraid_table",

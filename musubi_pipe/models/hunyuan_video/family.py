@@ -18,6 +18,7 @@ from pathlib import Path
 
 from musubi_pipe.errors import ConfigError
 from musubi_pipe.models.base import Expert, Family, Geometry, TrainingInputs
+from musubi_pipe.models.hunyuan_video import musubi
 from musubi_pipe.models.hunyuan_video.names import LORA_NAMING, block_linears, input_groups
 from musubi_pipe.models.hunyuan_video.tasks import HunyuanTask, get_task
 
@@ -58,6 +59,10 @@ class HunyuanVideoFamily(Family):
         "hunyuan_video_tiny_skyreels_i2v": "hunyuan_video/tiny_skyreels_i2v",
     }
     musubi_network_module = "networks.lora"  # musubi-tuner's LoRA module (ss_network_module)
+    musubi_scripts = musubi.SCRIPTS  # tools from-musubi: its scripts, flags, defaults and hints (musubi.py)
+    musubi_flags = musubi.FLAGS
+    musubi_defaults = musubi.DEFAULTS
+    musubi_hints = musubi.HINTS
     modelspec_implementation = "https://github.com/Tencent/HunyuanVideo"
     # memory.fp8_base stores the Linears of the double and single blocks except their modulation
     # (diffusers' norm1.linear, norm1_context.linear, norm.linear)
@@ -78,6 +83,9 @@ class HunyuanVideoFamily(Family):
     }
 
     # -- what the task is ---------------------------------------------------------------------
+    def musubi_model(self, flags: dict) -> str:
+        return musubi.model_option(flags)
+
     def geometry(self, model_cfg: dict) -> Geometry:
         return Geometry(get_task(model_cfg.get("task")).fps, VAE_STRIDE, PATCH, LATENT_CHANNELS)
 

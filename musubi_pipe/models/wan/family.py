@@ -20,6 +20,7 @@ from musubi_pipe.errors import ConfigError
 from musubi_pipe.models.base import Expert, Family, Geometry, TrainingInputs
 from musubi_pipe.models.wan import clip as clip_files
 from musubi_pipe.models.wan import t5 as t5_files
+from musubi_pipe.models.wan import musubi
 from musubi_pipe.models.wan.locate import check_dit, check_vae, locate_dit, locate_vae
 from musubi_pipe.models.wan.names import LORA_NAMING, official_module_name
 from musubi_pipe.models.wan.tasks import WanTask, get_task
@@ -84,6 +85,9 @@ class WanFamily(Family):
         "wan_tiny_ti2v_5b": "wan/tiny_ti2v_5b",
     }
     musubi_network_module = "networks.lora_wan"  # musubi-tuner's LoRA module (ss_network_module)
+    musubi_scripts = musubi.SCRIPTS  # tools from-musubi: its scripts, flags, defaults and hints (musubi.py)
+    musubi_flags = musubi.FLAGS
+    musubi_hints = musubi.HINTS
     modelspec_implementation = "https://github.com/Wan-Video/Wan2.1"
     # memory.fp8_base stores the Linears inside the blocks; modulation (scale_shift_table), norms,
     # embeddings and the head stay in the DiT's dtype (musubi-tuner's Wan targets and excludes)
@@ -102,6 +106,9 @@ class WanFamily(Family):
     }
 
     # -- what the task is ---------------------------------------------------------------------
+    def musubi_model(self, flags: dict) -> str:
+        return musubi.model_option(flags)
+
     def geometry(self, model_cfg: dict) -> Geometry:
         task = get_task(model_cfg.get("task"))
         return Geometry(task.fps, task.vae_stride, tuple(task.dit_config["patch_size"]), task.latent_channels)
