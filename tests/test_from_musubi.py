@@ -86,7 +86,7 @@ accelerate launch --num_cpu_threads_per_process 1 --mixed_precision bf16 src/mus
     --timestep_sampling shift --discrete_flow_shift 7.0
     --max_train_epochs 16 --save_every_n_epochs 1 --seed 42
     --output_dir path/to/output_dir --output_name name-of-lora --guidance_scale 1.0 --blocks_to_swap 10
-    --use_pinned_memory_for_block_swap --split_attn --weighting_scheme sigma_sqrt --full_bf16
+    --use_pinned_memory_for_block_swap --split_attn --weighting_scheme sigma_sqrt --img_in_txt_in_offloading
 """
 
 
@@ -171,7 +171,7 @@ def test_hunyuan_video_from_the_docs():
     assert keys["memory.blocks_to_swap"] == 10 and keys["memory.pin_memory"] is True
     assert keys["memory.split_attn"] is True and keys["training.weighting_scheme"] == "sigma_sqrt"
     assert keys["training.discrete_flow_shift"] == 7.0 and keys["optimizer.lr"] == 2e-4
-    assert "--full_bf16" in dict(t.flags("unsupported"))
+    assert "--img_in_txt_in_offloading" in dict(t.flags("unsupported"))
 
 
 def test_hunyuan_cache_defaults_apply_only_with_its_caching_command():

@@ -158,10 +158,6 @@ COMMON: dict[str, Flag] = {
     "--seed": to("training.seed", int),
     "--gradient_accumulation_steps": to("training.gradient_accumulation_steps", int),
     "--mixed_precision": to("training.mixed_precision"),
-    "--full_fp16": unsupported("the LoRA trains in float32 under autocast; full fp16/bf16 training is not built",
-                               takes=0),
-    "--full_bf16": unsupported("the LoRA trains in float32 under autocast; full fp16/bf16 training is not built",
-                               takes=0),
     "--max_data_loader_n_workers": not_needed("training reads cached latents in the main process (no DataLoader "
                                               "workers); runtime.num_workers sets the decoding threads of caching"),
     "--persistent_data_loader_workers": not_needed("no DataLoader workers to keep", takes=0),
@@ -223,7 +219,6 @@ COMMON: dict[str, Flag] = {
     "--show_timesteps": to("training.show_timesteps", lambda v: True,
                            reason="writes timesteps.png with the LoRA (image or console alike)"),
     "--guidance_scale": unsupported("this model's trainer has no embedded guidance in training"),
-    "--flow_shift": not_needed("musubi-tuner leaves it unused in training"),
     # network
     "--network_module": to("network.network_module", network_module),
     "--network_dim": to("network.network_dim", int),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from musubi_pipe.config.musubi_flags import dtype, model_choice, not_needed, switch, to, unsupported
+from musubi_pipe.config.musubi_flags import model_choice, not_needed, switch, to, unsupported
 from musubi_pipe.errors import UserError
 
 SCRIPTS = ("wan_train_network.py", "wan_cache_latents.py", "wan_cache_text_encoder_outputs.py")
@@ -25,8 +25,6 @@ FLAGS = {
     "--dit_high_noise": to("model.dit_high_noise"),
     "--timestep_boundary": to("model.timestep_boundary", float, reason="values > 1 are timesteps, as there"),
     "--offload_inactive_dit": switch("memory.offload_inactive_dit"),
-    "--dit_dtype": to("model.dit_dtype", dtype),
-    "--t5_dtype": to("model.t5_dtype", dtype),
     "--vae_cache_cpu": unsupported("the VAE's feature cache stays on the GPU", takes=0),
     "--one_frame": unsupported("one-frame training is not built yet", takes=0),
     "--force_v2_1_time_embedding": unsupported("the time embedding follows the task", takes=0),
