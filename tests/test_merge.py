@@ -383,3 +383,23 @@ def test_tool_import_is_torch_free():
     code = ("import sys, argparse, musubi_pipe.tools.merge as m; m.add_arguments(argparse.ArgumentParser()); "
             "assert 'torch' not in sys.modules and m.HELP and m.__doc__")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_lora_on_a_part_of_a_fused_weight_merges_into_its_rows():
+    """DitTensor.parts (Z-Image's fused attention.qkv holds to_q, to_k, to_v): each part's ΔW lands in its rows."""
+    from musubi_pipe.models.base import DitTensor
+
+    torch.manual_seed(0)
+    fused = torch.randn(12, 5)
+    item = DitTensor(Path("x"), "a.qkv.weight", "a.qkv.weight", "F32", (12, 5), loaded=fused,
+                     parts=(("a.to_q", 0, 4), ("a.to_k", 4, 4), ("a.to_v", 8, 4)))
+    assert merge.module_shapes([item]) == {"a.qkv": (12, 5), "a.to_q": (4, 5), "a.to_k": (4, 5), "a.to_v": (4, 5)}
+    up, down = torch.randn(4, 2), torch.randn(2, 5)
+    adapter = merge.Adapter("lora", {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(1.0)})
+    lora = merge.LoadedLora(merge.LoraSpec(Path("l.safetensors"), 0.5, (), ()), {"a.to_k": adapter}, "h",
+                            frozenset({"a.to_k"}))
+    rows = dict(merge.tensor_modules(item))
+    expected, fused = fused.clone(), fused.clone()
+    expected[4:8] += 0.5 * (up @ down) * (1.0 / 2)
+    out = merge.merged_tensor(item, torch.float32, [(lora, "a.to_k", rows["a.to_k"])], "cpu")
+    assert torch.allclose(out, expected, atol=1e-6) and torch.equal(out[:4], fused[:4]) and torch.equal(out[8:], fused[8:])

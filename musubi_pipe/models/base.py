@@ -67,7 +67,8 @@ def active_experts(experts: list, which: str) -> list:
 class DitTensor:
     """One tensor of a DiT file as `Family.dit_tensors` lists it (for tools merge): the file and key it is read from,
     its official name, safetensors dtype code ("BF16", ...) and shape; `loaded` holds it already when the file has
-    no header to read lazily (a .pt state dict, renamed diffusers weights)."""
+    no header to read lazily (a .pt state dict, renamed diffusers weights); `parts` names the LoRA modules whose
+    weights are row slices of it."""
 
     file: Path
     key: str
@@ -75,6 +76,9 @@ class DitTensor:
     dtype: str
     shape: tuple[int, ...]
     loaded: Any = None
+    # a fused official weight whose rows are several LoRA modules (Z-Image's attention.qkv holds to_q, to_k and
+    # to_v): ((module, first row, rows), ...); a LoRA on a part is merged into those rows
+    parts: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(frozen=True)

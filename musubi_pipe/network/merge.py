@@ -141,8 +141,23 @@ def output_dtypes(inputs: Sequence[InputTensor], dtype: torch.dtype | None) -> d
 
 
 def module_shapes(inputs: Iterable[InputTensor]) -> dict[str, tuple[int, ...]]:
-    """{official module name: weight shape} of every 2-D `<module>.weight`: what a LoRA module can target."""
-    return {t.name[: -len(".weight")]: t.shape for t in inputs if t.name.endswith(".weight") and len(t.shape) == 2}
+    """{official module name: weight shape} of every 2-D `<module>.weight`, and of each part of a fused weight
+    (DitTensor.parts: its rows): what a LoRA module can target."""
+    shapes = {}
+    for t in inputs:
+        if t.name.endswith(".weight") and len(t.shape) == 2:
+            shapes[t.name[: -len(".weight")]] = t.shape
+            shapes.update({module: (rows, t.shape[1]) for module, _, rows in t.parts})
+    return shapes
+
+
+def tensor_modules(item: InputTensor) -> list[tuple[str, slice]]:
+    """The LoRA modules merged into one DiT tensor, each with the rows it covers: the tensor's own module (all
+    rows) and its parts."""
+    if not (item.name.endswith(".weight") and len(item.shape) == 2):
+        return []
+    whole = [(item.name[: -len(".weight")], slice(None))]
+    return whole + [(module, slice(first, first + rows)) for module, first, rows in item.parts]
 
 
 # -- the LoRA side -------------------------------------------------------------------------------------------------
@@ -365,8 +380,9 @@ def merge_loras(dit_files, loras: Sequence, output, *, dtype=None, device="cpu",
     order, header, data_bytes = plan_layout(items, dtypes, {n: t.shape for n, t in items.items()}, metadata)
 
     def produce(name: str) -> torch.Tensor:
-        module = name[: -len(".weight")] if name.endswith(".weight") else None
-        return merged_tensor(items[name], DTYPE_CODES[dtypes[name]], by_module.get(module, []), device)
+        updates = [(lora, module, rows) for module, rows in tensor_modules(items[name])
+                   for lora in by_module.get(module, [])]
+        return merged_tensor(items[name], DTYPE_CODES[dtypes[name]], updates, device)
 
     write_streaming(output, header, data_bytes, order, produce)
     return {
@@ -385,19 +401,20 @@ def _paths(dit_files) -> list:
     return [dit_files] if isinstance(dit_files, (str, os.PathLike)) else list(dit_files)
 
 
-def merged_tensor(item: InputTensor, out_dtype: torch.dtype, loras: Sequence[LoadedLora], device) -> torch.Tensor:
+def merged_tensor(item: InputTensor, out_dtype: torch.dtype, updates: Sequence[tuple[LoadedLora, str, slice]],
+                  device) -> torch.Tensor:
     """Read one DiT tensor (through its own safe_open, see the module doc, or from the state dict a .pt was read
-    into), add Σ multiplier·ΔW of `loras` in float32 on `device`, and return it on the CPU in `out_dtype`."""
+    into), add Σ multiplier·ΔW of each (LoRA, module, rows) of `updates` to those rows in float32 on `device`, and
+    return it on the CPU in `out_dtype`."""
     if item.loaded is not None:
         tensor = item.loaded
     else:
         with safe_open(str(item.file), framework="pt", device="cpu") as f:
             tensor = f.get_tensor(item.key)
-    if not loras:
+    if not updates:
         return tensor.to(out_dtype)
     weight = tensor.to(device=device, dtype=torch.float32)
     del tensor
-    module = item.name[: -len(".weight")]
-    for lora in loras:
-        add_delta(weight, lora.modules[module], lora.spec.multiplier)
+    for lora, module, rows in updates:
+        add_delta(weight[rows], lora.modules[module], lora.spec.multiplier)
     return weight.to(out_dtype).cpu()
