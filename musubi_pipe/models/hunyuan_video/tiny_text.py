@@ -48,6 +48,7 @@ from musubi_pipe.models.hunyuan_video.text import (
     TINY_LLM_HEAD_DIM,
 )
 from musubi_pipe.models.tiny_files import save_pretrained_files as _save_pretrained
+from musubi_pipe.models.tiny_tokenizers import bpe, byte_alphabet
 from musubi_pipe.models.tiny_files import seeded as _seeded
 from musubi_pipe.models.tiny_files import write_file as _write
 
@@ -71,42 +72,11 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 
 
 # --- tokenizers -----------------------------------------------------------------------------------
-def _bpe(alphabet: list[str], words: list[list[str]]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A BPE vocab (alphabet first) and merges under which each word (a list of symbols) is one token.
-
-    Each word gets merges of lower priority than all before it, joining what the earlier merges leave of
-    it from the left, so the earlier words keep their single tokens.
-    """
-    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
-    ranks: dict[tuple[str, str], int] = {}
-    for symbols in words:
-        tokens = _merge(list(symbols), ranks)
-        while len(tokens) > 1:
-            ranks[(tokens[0], tokens[1])] = len(ranks)
-            tokens = [tokens[0] + tokens[1], *tokens[2:]]
-            vocab.setdefault(tokens[0], len(vocab))
-    return vocab, list(ranks)
-
-
-def _merge(tokens: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """BPE: merge the adjacent pair of lowest rank until no pair has one."""
-    while True:
-        ranked = [(ranks[pair], i) for i, pair in enumerate(zip(tokens, tokens[1:])) if pair in ranks]
-        if not ranked:
-            return tokens
-        i = min(ranked)[1]
-        tokens[i:i + 2] = [tokens[i] + tokens[i + 1]]
-
-
-def _byte_alphabet() -> list[str]:
-    return sorted(pre_tokenizers.ByteLevel.alphabet())
-
-
 def _llm_tokenizer() -> PreTrainedTokenizerFast:
     """A Llama-3-style byte-level BPE over the template's and `_WORDS`' words, with its special tokens."""
     words = sorted(set(re.findall(r"[A-Za-z]+", PROMPT_TEMPLATE.replace("{}", ""))) | set(_WORDS))
     # byte-level: a space is "Ġ"; every word is known with and without a leading space
-    vocab, merges = _bpe(_byte_alphabet(), [list(w) for w in words] + [["Ġ", *w] for w in words])
+    vocab, merges = bpe(byte_alphabet(), [list(w) for w in words] + [["Ġ", *w] for w in words])
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
@@ -122,9 +92,9 @@ def _llm_tokenizer() -> PreTrainedTokenizerFast:
 
 def _clip_tokenizer() -> CLIPTokenizer:
     """CLIP's BPE (lowercased, words end in "</w>") over `_WORDS`, <|startoftext|> and <|endoftext|> last."""
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     words = [[*w[:-1], w[-1] + "</w>"] for w in sorted(set(_WORDS))]
-    vocab, merges = _bpe(alphabet + [c + "</w>" for c in alphabet], words)
+    vocab, merges = bpe(alphabet + [c + "</w>" for c in alphabet], words)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
