@@ -340,13 +340,16 @@ def build_spec(translation: Translation) -> dict:
 
 
 def still_to_set(spec: dict) -> list[str]:
-    """The required keys the spec leaves unset (`???` in its model group), e.g. a tokenizer folder."""
-    from musubi_pipe.config.locate import conf_dir
+    """The keys the spec leaves unset that a run needs: `???` in its model group, and a tokenizer folder the group
+    leaves null (needed with a single-file text encoder, which musubi-tuner users have: it downloads tokenizers)."""
     from omegaconf import OmegaConf
 
-    group = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{spec['defaults']['model']}.yaml"))
+    from musubi_pipe.config import compose
+
+    group = OmegaConf.to_container(compose([f"model={spec['defaults']['model']}"]).model, resolve=False)
     given = spec.get("model", {})
-    return [f"model.{k}" for k, v in group.items() if v == "???" and k not in given]
+    return [f"model.{k}" for k, v in group.items() if k not in given
+            and (v == "???" or (v is None and k.endswith("_tokenizer")))]
 
 
 def report_text(translation: Translation, missing: list[str]) -> str:

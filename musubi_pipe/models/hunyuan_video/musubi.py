@@ -29,6 +29,10 @@ HINTS = {
     "model.vae": "the --vae of cache_latents.py (hunyuan-video-t2v-720p/vae/pytorch_model.pt)",
     "model.text_encoder1": "the --text_encoder1 of cache_text_encoder_outputs.py (llava_llama3 file or folder)",
     "model.text_encoder2": "the --text_encoder2 of cache_text_encoder_outputs.py (clip_l file or folder)",
+    "model.text_encoder1_tokenizer": "with a single-file LLM (musubi-tuner downloads the tokenizer itself): the "
+                                     "xtuner/llava-llama-3-8b-v1_1-transformers folder; null for a folder that has one",
+    "model.text_encoder2_tokenizer": "with a single-file CLIP: the openai/clip-vit-large-patch14 folder; null for a "
+                                     "folder that has one",
 }
 
 
