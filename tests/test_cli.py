@@ -43,6 +43,9 @@ RECIPE_REQUIRED = {
     "wan22_ti2v_5b": {"model.dit", "model.vae", "model.t5", "model.t5_tokenizer", "dataset.datasets"},
     "hunyuan_video_t2v": {"model.dit", "model.vae", "model.text_encoder1", "model.text_encoder2", "dataset.datasets"},
     "hunyuan_video_tiny": set(),
+    "zimage_base": {"model.dit", "model.vae", "model.text_encoder", "dataset.datasets"},
+    "zimage_turbo": {"model.dit", "model.vae", "model.text_encoder", "dataset.datasets"},
+    "zimage_tiny": set(),
 }
 
 
