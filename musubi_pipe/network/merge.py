@@ -1,4 +1,7 @@
-"""Merge LoRA/LoHa/LoKr files into a Wan DiT, streaming tensor by tensor, into one official-format .safetensors.
+"""Merge LoRA/LoHa/LoKr files into a DiT, streaming tensor by tensor, into one official-format .safetensors.
+
+The DiT's tensors come from its family (Family.dit_tensors: Wan, HunyuanVideo, Z-Image), officially named; a
+tensor may hold several LoRA modules as row slices (DitTensor.parts). What follows describes Wan's inputs.
 
     report = merge_loras("wan2.1_t2v_1.3B_bf16.safetensors", [("style.safetensors", 0.8), ("face.safetensors", 1.0)],
                          "wan_merged.safetensors", dtype="bfloat16", device="cuda")

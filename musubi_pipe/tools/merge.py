@@ -1,4 +1,4 @@
-"""merge: bake LoRA/LoHa/LoKr files into a Wan DiT and write one official-format .safetensors.
+"""merge: bake LoRA/LoHa/LoKr files into a DiT (Wan, HunyuanVideo, Z-Image) and write one official-format .safetensors.
 
     python -m musubi_pipe.tools merge --dit DIT [--dit SHARD2 ...] --lora LORA[:MULT] [--lora ...]
                                       --output OUT.safetensors [--dtype bfloat16|float16|float32]
@@ -6,13 +6,16 @@
                                       [--expert high_noise|low_noise] [--overwrite]
 
 Writes W + sum(multiplier * dW) for every module the LoRAs target; every other tensor is copied. The
-output uses the official Wan key names (blocks.0.self_attn.q.weight, ...), so ComfyUI, musubi-tuner
-and musubi_pipe (model.dit=OUT.safetensors) load it. Its metadata lists the merged LoRAs
+architecture is recognised from the DiT (each family's reader; docs/tools.md lists what each takes). The
+output uses the official key names (Wan blocks.0.self_attn.q.weight, ...; a LoRA on a part of a fused
+official weight, such as Z-Image's to_q in attention.qkv, lands in its rows), so musubi_pipe
+(model.dit=OUT.safetensors) and ComfyUI load it (for HunyuanVideo and Z-Image: not verified beyond the names). Its metadata lists the merged LoRAs
 (ss_merged_loras: file, multiplier, sshs_model_hash).
 
 --dit      an official file or any shard of a shard set, a ComfyUI file (model.diffusion_model.
            prefix, fp16/bf16 or plain fp8_e4m3fn; fp8_scaled is refused), an official Wan-AI folder
-           (e.g. Wan2.2-T2V-A14B/high_noise_model) or a diffusers transformer or pipeline folder
+           (e.g. Wan2.2-T2V-A14B/high_noise_model), HunyuanVideo's mp_rank_00_model_states.pt, or a
+           diffusers transformer or pipeline folder
 --lora     a LoRA, LoHa or LoKr file, optionally with :MULTIPLIER (default 1.0, may be negative);
            repeat for several LoRAs. musubi/sd-scripts (lora_unet_*), ComfyUI/diffusion-pipe
            (diffusion_model.*), diffusers/PEFT (transformer.*), ai-toolkit and Wan-Fun files are read
@@ -49,7 +52,7 @@ from pathlib import Path
 
 from musubi_pipe.errors import UserError
 
-HELP = "merge LoRA/LoHa/LoKr files into a Wan DiT and write one official-format .safetensors"
+HELP = "merge LoRA/LoHa/LoKr files into a DiT (Wan, HunyuanVideo, Z-Image): one official-format .safetensors"
 
 
 def parse_lora(text: str) -> tuple[str, float]:
