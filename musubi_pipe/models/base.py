@@ -240,6 +240,12 @@ class Family:
         token count, as FLUX and Qwen-Image do, computes it from `latent_shape`)."""
         return prompt["shift"]
 
+    def sampling_sigmas(self, model_cfg: dict, prompt: dict) -> list[float] | None:
+        """The unshifted sigmas of the prompt's steps (1 first; the shift is applied to them), or None (the default)
+        for diffusers' FlowMatchEulerDiscreteScheduler spacing, from 1 to 1/1000 in `steps` points. A model whose
+        reference sampler spaces its steps otherwise (Z-Image: 1 - i/steps) returns its own."""
+        return None
+
     # musubi-tuner's scripts for this family (file names: tools from-musubi converts their command lines), the
     # flags they take beyond config/musubi_flags.COMMON ({flag: Flag}), musubi-tuner's defaults where ours differ
     # ({flag: (key, value, "train" | "latents" | "text": the kind of script whose default it is)}), and a hint

@@ -2,8 +2,8 @@
 
 Each step runs the expert its timestep routes to (models.base.route, as in training) with that expert's
 guidance (the first, high-noise expert of a two-expert model takes guidance_scale_high), classifier-free
-unless the family's `guidance_style` is "none". The shift comes from `Family.sampling_shift` and the latent
-shape from `Family.latent_shape`, so a family changes those without rewriting the loop.
+unless the family's `guidance_style` is "none". The shift comes from `Family.sampling_shift`, the step spacing
+from `Family.sampling_sigmas` and the latent shape from `Family.latent_shape`, so a family changes those without rewriting the loop.
 """
 
 from __future__ import annotations
@@ -36,4 +36,5 @@ def flow_match_sample(family, model_cfg: dict, request):
 
     strength = DEFAULT_STRENGTH if p.get("strength") is None else p["strength"]
     return sample_latents(velocity, shape=shape, steps=p["steps"], shift=family.sampling_shift(model_cfg, p, shape),
-                          seed=p["seed"], progress=request.progress, init=init, strength=strength)
+                          seed=p["seed"], progress=request.progress, init=init, strength=strength,
+                          sigmas=family.sampling_sigmas(model_cfg, p))

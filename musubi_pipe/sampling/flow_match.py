@@ -14,17 +14,21 @@ from musubi_pipe.progress import progress_bar
 
 
 def sample_latents(velocity, *, shape, steps: int, shift: float, seed: int, progress=True, init=None,
-                   strength: float = 1.0) -> torch.Tensor:
+                   strength: float = 1.0, sigmas=None) -> torch.Tensor:
     """Return denoised latents of `shape` [B, C, F, H, W] (float32, CPU), starting from seeded noise.
 
     Video-to-video: with `init` (clean latents of `shape`) only the last round(steps * strength) steps run,
     from init noised to that step's sigma (x = sigma * noise + (1 - sigma) * init), as musubi-tuner's
-    `--video_path --strength`: strength 1 ignores the video, 0 returns it unchanged.
+    `--video_path --strength`: strength 1 ignores the video, 0 returns it unchanged. `sigmas` (one per step,
+    unshifted) replace the scheduler's own spacing.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    scheduler.set_timesteps(steps, device="cpu")
+    if sigmas is None:
+        scheduler.set_timesteps(steps, device="cpu")
+    else:  # the family's own spacing (unshifted; the scheduler applies the shift)
+        scheduler.set_timesteps(sigmas=[float(x) for x in sigmas], device="cpu")
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(shape, generator=generator, dtype=torch.float32)
     timesteps = scheduler.timesteps
