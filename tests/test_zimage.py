@@ -76,8 +76,8 @@ def test_text_encoding_is_diffusers_pipelines(files, encoder, dit):
 
 @pytest.mark.parametrize("guidance", [0.0, 4.0])
 def test_sampling_is_diffusers_pipelines(files, encoder, dit, guidance):
-    """Our loop with Z-Image's guidance (v_pos + g (v_pos - v_neg)) gives ZImagePipeline's latents for the same
-    noise and schedule: Turbo's guidance 0 (no negative pass) and Base's 4.0."""
+    """Our loop with Z-Image's guidance (v_pos + g (v_pos - v_neg)) and musubi-tuner's step spacing gives
+    ZImagePipeline's latents for the same noise and steps: Turbo's guidance 0 (no negative pass) and Base's 4.0."""
     steps, shift, seed = 3, 3.0, 7
     prompt = {"width": 32, "height": 32, "frames": 1, "steps": steps, "shift": shift, "seed": seed,
               "guidance_scale": guidance, "guidance_scale_high": guidance, "strength": None}
@@ -87,10 +87,12 @@ def test_sampling_is_diffusers_pipelines(files, encoder, dit, guidance):
     ours = FAMILY.sample({"task": "tiny"}, request)
     assert ours.shape == (1, 16, 1, 4, 4)
 
-    ours_scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    ours_scheduler.set_timesteps(steps)
-    sigmas = ours_scheduler.sigmas[:-1]
-    unshifted = (sigmas / (shift - (shift - 1) * sigmas)).tolist()  # the pipeline's scheduler shifts them again
+    # musubi-tuner's spacing (zimage_utils.get_timesteps_sigmas), within 0.001 of the pipeline's default 1 - i / steps;
+    # the pipeline's scheduler shifts the sigmas it is given, as ours does
+    unshifted = FAMILY.sampling_sigmas({"task": "tiny"}, prompt)
+    musubi = (torch.linspace(1000, 1, steps + 1)[:-1] / 1000).tolist()
+    assert max(abs(a - b) for a, b in zip(unshifted, musubi)) < 1e-6
+    assert max(abs(a - (1 - i / steps)) for i, a in enumerate(unshifted)) <= 1e-3
     noise = torch.randn((1, 16, 1, 4, 4), generator=torch.Generator().manual_seed(seed))[:, :, 0]
     pipe = diffusers.ZImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=shift), vae=None,
                                     text_encoder=encoder.model, tokenizer=encoder.tokenizer, transformer=dit)

@@ -7,8 +7,9 @@ at import time; loaders are imported inside the methods.
 Training is musubi-tuner's: x_t = (1 - t) x0 + t noise, the DiT sees (1000 - timestep) / 1000 and predicts
 x0 - noise (the opposite sign of the other models); `predict` returns the negated output, noise - x0, and the
 target is noise - x0 too, which is musubi-tuner's loss (latents - noise against the raw output) exactly.
-Sampling: the default flow-matching loop, with musubi-tuner's (and Z-Image's) guidance formula
-v = v_pos + g (v_pos - v_neg), applied only when g > 1 (`sample` turns it into the loop's standard form).
+Sampling: the default flow-matching loop on musubi-tuner's Z-Image step spacing (`sampling_sigmas`), with its (and
+Z-Image's) guidance formula v = v_pos + g (v_pos - v_neg), applied only when g > 1 (`sample` turns it into the
+loop's standard form).
 """
 
 from __future__ import annotations
@@ -186,6 +187,13 @@ class ZImageFamily(Family):
         captions = [e["embedding"].to(device, dtype) for e in text_embeds]
         out = dit(list(noisy_latents.to(dtype).unbind(0)), t, captions, return_dict=False)[0]
         return -torch.stack(list(out))
+
+    def sampling_sigmas(self, model_cfg: dict, prompt: dict) -> list[float]:
+        """musubi-tuner's Z-Image schedule (zimage_utils.get_timesteps_sigmas): linspace(1000, 1, steps + 1) without
+        its last point, / 1000, i.e. 1 - 0.999 i / steps; diffusers' ZImagePipeline spaces 1 - i / steps (within
+        0.001). The default scheduler spacing (1 down to 1/1000) would put the last step near 0 instead of 1/steps."""
+        steps = int(prompt["steps"])
+        return [1.0 - 0.999 * i / steps for i in range(steps)]
 
     def sample(self, model_cfg: dict, request):
         """The default loop, with Z-Image's guidance g (v_pos + g (v_pos - v_neg) when g > 1, else none) given to
