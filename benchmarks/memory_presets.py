@@ -3,7 +3,7 @@
     python benchmarks/memory_presets.py                       # docs/memory.md's table (CUDA GPU, 64 GB+ of RAM)
     python benchmarks/memory_presets.py t2v-14B 81 24gb       # one case
     python benchmarks/memory_presets.py --tiny                # the same code on the tiny Wan, on the CPU (smoke run)
-    python benchmarks/memory_presets.py --quick               # --tiny with presets none and 12gb (tests/test_benchmarks.py)
+    python benchmarks/memory_presets.py --quick               # --tiny with preset 12gb only (tests/test_benchmarks.py)
 
 Each case runs in a process of its own (an OOM or a fragmented allocator cannot leak into the next).
 The DiT gets random bf16 weights (seeded) in CPU memory, then `memory.prepare_dit` applies the preset
@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps(run_case(task, int(frames), preset, device, int(height), int(width))))
         return
     if argv[:1] in (["--tiny"], ["--quick"]):
-        presets = PRESETS if argv[0] == "--tiny" else ("none", "12gb")
+        presets = PRESETS if argv[0] == "--tiny" else ("12gb",)
         cases, device, size = [("tiny-t2v", 5, p) for p in presets], "cpu", (64, 64)
     else:
         import torch

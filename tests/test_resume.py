@@ -1,6 +1,7 @@
 """Exact resume: a training process killed with SIGKILL mid-run, re-run, ends bitwise where an
 uninterrupted run ends (final LoRA, intermediate LoRAs, losses, counters)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -67,10 +68,14 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, models_dir):
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     assert not list((killed_root / "cache" / "train").glob("[0-9a-f]*"))  # nothing published
+    killed = json.loads(next(killed_root.glob("runs/*/run.json")).read_text())  # SIGKILL: the last record written
+    assert killed["status"] == "running" and [(s["name"], s["status"]) for s in killed["stages"]] == [
+        ("cache_latents", "ran"), ("cache_text", "ran"), ("train", "pending")]
 
     resumed = _run_in_process(_overrides(killed_root, models_dir), tmp_path / "runs" / "resumed")
     train, reference = stage(resumed, "train"), stage(clean, "train")
     assert train["fingerprint"] == reference["fingerprint"]
+    assert not (killed_root / "cache" / "train" / ".partial" / train["fingerprint"]).exists()  # dropped once published
     assert train["resumed_from_step"] >= int(checkpoint.name.split("_")[1]) > 0
     assert (train["steps"], train["epochs"], train["losses"]) == (reference["steps"], reference["epochs"],
                                                                  reference["losses"])
